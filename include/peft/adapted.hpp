@@ -1,0 +1,370 @@
+// peft++ — Adapted<Base, Kinds...>: a base layer composed at compile time with one or more adapter kinds
+// (LoRA, ...), each holding any number of named adapters at run time, as Hugging Face PEFT's tuner layers
+// do (active set, disable, merge/unmerge stack, delete).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "peft/errors.hpp"
+#include "peft/grad_mode.hpp"
+#include "peft/param.hpp"
+#include "peft/rng.hpp"
+#include "peft/view.hpp"
+
+namespace peft {
+
+namespace detail {
+template <class F, std::size_t... I>
+constexpr void for_each_index(F&& f, std::index_sequence<I...>) {
+  (f(std::integral_constant<std::size_t, I>{}), ...);
+}
+template <class Config, class... Kinds>
+constexpr std::size_t kind_index_of() {
+  constexpr bool match[] = {std::is_same_v<typename Kinds::config_type, Config>...};
+  for (std::size_t i = 0; i < sizeof...(Kinds); ++i)
+    if (match[i]) return i;
+  return sizeof...(Kinds);
+}
+template <class Kind, class... Kinds>
+constexpr std::size_t kind_position() {
+  constexpr bool match[] = {std::is_same_v<Kinds, Kind>...};
+  for (std::size_t i = 0; i < sizeof...(Kinds); ++i)
+    if (match[i]) return i;
+  return sizeof...(Kinds);
+}
+}  // namespace detail
+
+/// A base layer (e.g. `Linear<float>`) with adapters of the given kinds (e.g. `Lora`).
+///
+/// Forward: the base assigns y; every active, unmerged adapter adds its contribution (their deltas sum).
+/// Backward: the base writes dx per the `input` GradMode, adapters accumulate into dx; parameter
+/// gradients of trainable adapters are written per the `params` GradMode. The base weight gets no
+/// gradient unless `base().set_requires_grad(true)`.
+template <class Base, class... Kinds>
+class Adapted {
+  static_assert(sizeof...(Kinds) >= 1, "peft::Adapted needs at least one adapter kind, e.g. Adapted<Linear<float>, Lora>");
+
+ public:
+  using base_type = Base;
+  using scalar = typename Base::scalar;
+  using backend_type = typename Base::backend_type;
+  using T = scalar;
+  using Scratch = typename backend_type::template GemmScratch<T>;
+  using Banks = std::tuple<typename Kinds::template bank<Base>...>;
+  static constexpr std::size_t num_kinds = sizeof...(Kinds);
+
+  struct Context {
+    typename Base::Context base;
+    std::tuple<typename Kinds::template bank<Base>::Context...> banks;
+    std::uint64_t generation = 0;
+    std::uint64_t seed = 0;
+  };
+
+  Adapted() = default;
+  explicit Adapted(Base base, std::string module_path = {}) : base_(std::move(base)), path_(std::move(module_path)) {}
+
+  Base& base() noexcept { return base_; }
+  const Base& base() const noexcept { return base_; }
+  index in_features() const noexcept { return base_.in_features(); }
+  index out_features() const noexcept { return base_.out_features(); }
+  /// The module path used for rank/alpha patterns and checkpoint keys (e.g. "layers.0.q_proj").
+  const std::string& module_path() const noexcept { return path_; }
+  void set_module_path(std::string p) { path_ = std::move(p); }
+
+  // ---- adapter management ------------------------------------------------------------------------
+
+  /// Adds an adapter named `name`. The config's type picks the kind (LoraConfig → Lora). Patterns in the
+  /// config are resolved against module_path(). The first adapter of a layer becomes active and
+  /// trainable; later ones are added inactive and frozen (PEFT's add_adapter). Contexts made before this
+  /// call must be made again.
+  template <class Config>
+  void add_adapter(const std::string& name, const Config& config, Generator& gen) {
+    constexpr std::size_t k = detail::kind_index_of<Config, Kinds...>();
+    static_assert(k < num_kinds, "this Adapted layer has no adapter kind for this config type");
+    check_new_name(name);
+    const int slot = std::get<k>(banks_).add(base_, config.for_module(path_), gen, name);
+    entries_.push_back({name, k, slot});
+    ++generation_;
+    if (entries_.size() == 1) set_adapter(name);
+  }
+
+  /// Removes an adapter. A merged adapter cannot be deleted (StateError, nothing changes). If it was the
+  /// only active one, the alphabetically first remaining adapter becomes active (PEFT's rule).
+  void delete_adapter(const std::string& name) {
+    const auto it = find(name);
+    if (is_merged(name)) throw StateError(detail::cat("delete_adapter: adapter '", name, "' is merged; unmerge it first"));
+    const Entry e = *it;
+    for_kind(e.kind, [&](auto& bank) { bank.remove(e.slot); });
+    entries_.erase(it);
+    for (auto& o : entries_)
+      if (o.kind == e.kind && o.slot > e.slot) --o.slot;
+    std::erase(active_, name);
+    if (active_.empty() && !entries_.empty()) {
+      auto first = std::min_element(entries_.begin(), entries_.end(), [](auto& a, auto& b) { return a.name < b.name; });
+      active_.push_back(first->name);
+    }
+    ++generation_;
+    refresh();
+  }
+
+  /// Makes `names` the active adapters (their outputs are summed). Active adapters become trainable and
+  /// the others frozen, unless `inference_mode` is set (then all stay frozen).
+  void set_adapter(const std::vector<std::string>& names, bool inference_mode = false) {
+    for (const auto& n : names) find(n);
+    for (std::size_t i = 0; i < names.size(); ++i)
+      for (std::size_t j = 0; j < i; ++j)
+        if (names[i] == names[j]) throw AdapterError(detail::cat("set_adapter: adapter '", names[i], "' is listed twice"));
+    active_ = names;
+    for (const auto& e : entries_) {
+      const bool on = !inference_mode && std::find(active_.begin(), active_.end(), e.name) != active_.end();
+      for_kind(e.kind, [&](auto& bank) { bank.set_requires_grad(e.slot, on); });
+    }
+    refresh();
+  }
+  void set_adapter(const std::string& name, bool inference_mode = false) { set_adapter(std::vector<std::string>{name}, inference_mode); }
+  /// Turns gradients of one adapter on or off without changing the active set.
+  void set_requires_grad(const std::string& name, bool on) {
+    const auto& e = *find(name);
+    for_kind(e.kind, [&](auto& bank) { bank.set_requires_grad(e.slot, on); });
+  }
+
+  const std::vector<std::string>& active_adapters() const noexcept { return active_; }
+  std::vector<std::string> adapter_names() const {
+    std::vector<std::string> n;
+    for (const auto& e : entries_) n.push_back(e.name);
+    return n;
+  }
+  bool has_adapter(std::string_view name) const {
+    return std::any_of(entries_.begin(), entries_.end(), [&](auto& e) { return e.name == name; });
+  }
+
+  /// Bypasses every adapter: forward gives the base output exactly. Merged adapters are unmerged first.
+  void disable_adapters() {
+    if (!merged_.empty()) unmerge();
+    enabled_ = false;
+    refresh();
+  }
+  void enable_adapters() {
+    enabled_ = true;
+    refresh();
+  }
+  bool adapters_enabled() const noexcept { return enabled_; }
+
+  /// Typed access to one adapter's weights, e.g. `layer.adapter<Lora>("default").A()`.
+  template <class Kind>
+  auto& adapter(const std::string& name) {
+    constexpr std::size_t k = detail::kind_position<Kind, Kinds...>();
+    static_assert(k < num_kinds, "this Adapted layer has no such adapter kind");
+    const auto& e = *find(name);
+    if (e.kind != k) throw AdapterError(detail::cat("adapter '", name, "' is not of kind ", Kind::name));
+    return std::get<k>(banks_).at(e.slot);
+  }
+  template <class Kind>
+  const auto& adapter(const std::string& name) const { return const_cast<Adapted*>(this)->template adapter<Kind>(name); }
+
+  // ---- merging ---------------------------------------------------------------------------------------
+
+  /// Adds the deltas of `names` (default: the active adapters) into the base weight. Merging an adapter
+  /// that is already merged is a StateError. With `safe_merge`, the merged weight is checked for NaN/Inf
+  /// first and nothing is changed if any appears (PEFT's safe_merge).
+  void merge(std::optional<std::vector<std::string>> names = std::nullopt, bool safe_merge = false) {
+    const auto list = names ? *names : active_;
+    for (const auto& n : list) {
+      find(n);
+      if (is_merged(n)) throw StateError(detail::cat("merge: adapter '", n, "' is already merged"));
+    }
+    for (const auto& n : list) {
+      const auto& e = *find(n);
+      if (safe_merge) {
+        auto w = base_.weight();
+        typename backend_type::template buffer<T> tmp(std::size_t(w.size()));
+        auto tv = tmp.view(w.rows, w.cols);
+        backend_type::copy(ConstMatrixView<T>(w), tv);
+        Scratch s;
+        for_kind(e.kind, [&](auto& bank) { bank.write_delta(e.slot, s, tv, T(1), T(1)); });
+        for (std::size_t i = 0; i < tmp.size(); ++i)
+          if (!std::isfinite(double(tmp[i])))
+            throw StateError(detail::cat("NaNs detected in the merged weights. The adapter ", n, " seems to be broken"));
+      }
+      for_kind(e.kind, [&](auto& bank) { bank.apply_delta(e.slot, base_, T(1)); });
+      merged_.push_back(n);
+    }
+    refresh();
+  }
+  /// Subtracts every merged delta again, last merged first.
+  void unmerge() {
+    while (!merged_.empty()) {
+      const auto& e = *find(merged_.back());
+      for_kind(e.kind, [&](auto& bank) { bank.apply_delta(e.slot, base_, T(-1)); });
+      merged_.pop_back();
+    }
+    refresh();
+  }
+  const std::vector<std::string>& merged_adapters() const noexcept { return merged_; }
+  bool merged() const noexcept { return !merged_.empty(); }
+
+  /// Merges the active adapters (those not merged yet) and returns the plain base layer (PEFT's
+  /// merge_and_unload). The Adapted object is consumed.
+  Base merge_and_unload() && {
+    std::vector<std::string> todo;
+    if (enabled_)
+      for (const auto& n : active_)
+        if (!is_merged(n)) todo.push_back(n);
+    merge(todo);
+    return std::move(base_);
+  }
+  /// Returns the base layer without merging (merged adapters are unmerged first; PEFT's unload).
+  Base unload() && {
+    unmerge();
+    return std::move(base_);
+  }
+
+  /// The adapter's ΔW in the base weight's layout ([out, in], or [in, out] for fan_in_fan_out).
+  void delta_weight(const std::string& name, MatrixView<T> out) const {
+    const auto& e = *find(name);
+    require_shape(out, base_.weight().rows, base_.weight().cols, detail::cat("delta_weight('", name, "')"));
+    Scratch s;
+    for_kind(e.kind, [&](auto& bank) { bank.write_delta(e.slot, s, out, T(1), T(0)); });
+  }
+
+  // ---- training ----------------------------------------------------------------------------------------
+
+  /// Train mode enables dropout; eval mode disables it. Default: train.
+  void train(bool on = true) noexcept { training_ = on; }
+  void eval() noexcept { training_ = false; }
+  bool is_training() const noexcept { return training_; }
+  /// Seed of the dropout masks. Every forward in train mode draws new masks; `set_seed` restarts the
+  /// sequence, so two forwards after the same `set_seed` use the same masks.
+  void set_seed(std::uint64_t seed) noexcept { seed_ = seed; forwards_ = 0; }
+
+  /// A context for batches of up to `max_batch` rows: saved activations and GEMM scratch. After this,
+  /// forward and backward allocate nothing. Adding or deleting adapters invalidates it.
+  Context make_context(index max_batch) const {
+    Context ctx;
+    ctx.base = base_.make_context(max_batch);
+    detail::for_each_index([&](auto k) { std::get<k>(banks_).make_context(std::get<k>(ctx.banks), ctx.base.scratch, max_batch); },
+                           std::index_sequence_for<Kinds...>{});
+    ctx.generation = generation_;
+    return ctx;
+  }
+
+  /// y = base(x) + Σ active adapters. requires: x [batch, in], y [batch, out], batch <= max_batch of ctx.
+  void forward(Context& ctx, ConstMatrixView<T> x, MatrixView<T> y) {
+    check_context(ctx, "forward");
+    base_.check_io(ctx.base, x, y, "Adapted.forward");
+    base_.forward_into(ctx.base.scratch, x, y);
+    ctx.base.x = x;
+    ctx.base.has_forward = true;
+    ctx.seed = detail::mix64(seed_ + forwards_++);
+    detail::for_each_index(
+        [&](auto k) {
+          std::get<k>(banks_).forward(std::get<k>(ctx.banks), ctx.base.scratch, active_slots_[k], x, y, training_, ctx.seed, 0);
+        },
+        std::index_sequence_for<Kinds...>{});
+  }
+
+  /// Backward of the forward recorded in ctx. dx ([batch, in], or empty) is written per `input` by the
+  /// base and accumulated by the adapters; adapter parameter gradients per `params`.
+  void backward(Context& ctx, ConstMatrixView<T> dy, MatrixView<T> dx, GradMode params = GradMode::accumulate,
+                GradMode input = GradMode::overwrite) {
+    check_context(ctx, "backward");
+    if (!ctx.base.has_forward) throw StateError("Adapted.backward: the context holds no forward pass");
+    if (!merged_.empty())
+      throw StateError(detail::cat("Adapted.backward: adapter '", merged_.front(), "' is merged into the base weight; unmerge before training"));
+    require_shape(dy, ctx.base.x.rows, out_features(), "Adapted.backward: dy");
+    if (!dx.empty()) require_shape(dx, ctx.base.x.rows, in_features(), "Adapted.backward: dx");
+    base_.backward_input(ctx.base.scratch, dy, dx, input == GradMode::accumulate ? T(1) : T(0));
+    if (base_.requires_grad()) base_.backward_params(ctx.base.scratch, ctx.base.x, dy, params == GradMode::accumulate ? T(1) : T(0));
+    detail::for_each_index(
+        [&](auto k) { std::get<k>(banks_).backward(std::get<k>(ctx.banks), ctx.base.scratch, ctx.base.x, dy, dx, params, ctx.seed); },
+        std::index_sequence_for<Kinds...>{});
+  }
+
+  /// Visits base parameters ("weight", "bias") and adapter parameters ("lora_A.<name>.weight", ...).
+  template <class F>
+  void visit_parameters(F&& f) {
+    base_.visit_parameters(f);
+    for (const auto& e : entries_) for_kind(e.kind, [&](auto& bank) { bank.visit_parameters(e.slot, e.name, f); });
+  }
+  void zero_grad() {
+    base_.zero_grad();
+    for (const auto& e : entries_) for_kind(e.kind, [&](auto& bank) { bank.zero_grad(e.slot); });
+  }
+
+ private:
+  struct Entry {
+    std::string name;
+    std::size_t kind;
+    int slot;
+  };
+
+  void check_new_name(const std::string& name) const {
+    if (name.empty()) throw AdapterError("add_adapter: the adapter name is empty");
+    if (name.find('.') != std::string::npos)
+      throw AdapterError(detail::cat("add_adapter: adapter name '", name, "' contains '.', which breaks checkpoint keys"));
+    if (has_adapter(name)) throw AdapterError(detail::cat("add_adapter: adapter '", name, "' already exists"));
+  }
+  typename std::vector<Entry>::const_iterator find(std::string_view name) const {
+    auto it = std::find_if(entries_.begin(), entries_.end(), [&](auto& e) { return e.name == name; });
+    if (it == entries_.end()) {
+      std::string known;
+      for (const auto& e : entries_) known += (known.empty() ? "'" : ", '") + e.name + "'";
+      throw AdapterError(detail::cat("Adapter ", name, " does not exist (this layer has: ", known.empty() ? "none" : known, ")"));
+    }
+    return it;
+  }
+  typename std::vector<Entry>::iterator find(std::string_view name) {
+    auto cit = std::as_const(*this).find(name);
+    return entries_.begin() + (cit - entries_.cbegin());
+  }
+  bool is_merged(std::string_view name) const { return std::find(merged_.begin(), merged_.end(), name) != merged_.end(); }
+
+  template <class F>
+  void for_kind(std::size_t kind, F&& f) {
+    detail::for_each_index([&](auto k) { if (k == kind) f(std::get<k>(banks_)); }, std::index_sequence_for<Kinds...>{});
+  }
+  template <class F>
+  void for_kind(std::size_t kind, F&& f) const {
+    detail::for_each_index([&](auto k) { if (k == kind) f(std::get<k>(banks_)); }, std::index_sequence_for<Kinds...>{});
+  }
+
+  /// Recomputes the slots each kind runs in forward: active, enabled and not merged.
+  void refresh() {
+    for (auto& v : active_slots_) v.clear();
+    if (!enabled_) return;
+    for (const auto& n : active_) {
+      if (is_merged(n)) continue;
+      const auto& e = *find(n);
+      active_slots_[e.kind].push_back(e.slot);
+    }
+  }
+  void check_context(const Context& ctx, const char* where) const {
+    if (ctx.generation != generation_)
+      throw StateError(detail::cat("Adapted.", where, ": the context was made before adapters were added or deleted; call make_context() again"));
+  }
+
+  Base base_;
+  std::string path_;
+  Banks banks_;
+  std::vector<Entry> entries_;
+  std::vector<std::string> active_;
+  std::vector<std::string> merged_;
+  std::array<std::vector<int>, sizeof...(Kinds)> active_slots_;
+  bool enabled_ = true;
+  bool training_ = true;
+  std::uint64_t generation_ = 1;
+  std::uint64_t seed_ = 0;
+  std::uint64_t forwards_ = 0;
+};
+
+}  // namespace peft

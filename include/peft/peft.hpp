@@ -1,0 +1,15 @@
+// peft++ — umbrella header for the CPU build. Never includes CUDA headers.
+#pragma once
+
+#include "peft/version.hpp"
+#include "peft/errors.hpp"
+#include "peft/view.hpp"
+#include "peft/buffer.hpp"
+#include "peft/rng.hpp"
+#include "peft/grad_mode.hpp"
+#include "peft/param.hpp"
+#include "peft/backend/eigen_cpu.hpp"
+#include "peft/layer/linear.hpp"
+#include "peft/adapter/lora.hpp"
+#include "peft/adapted.hpp"
+#include "peft/model.hpp"

@@ -1,0 +1,468 @@
+// peft++ — optimizers (AdamW, Adam, SGD) and gradient clipping with PyTorch's semantics.
+//
+// Each optimizer mirrors the single-tensor (foreach=False) code path of torch.optim in PyTorch 1.13:
+// the same update formulas, the same order of the elementwise operations, and the same handling of
+// scalars (hyper-parameters and bias corrections are computed in double, then converted to the
+// parameter type T before they meet the tensors, as PyTorch converts Python scalars to the tensor's
+// dtype). For T = double the results agree with PyTorch's float64 results to rounding; for T = float
+// they agree with PyTorch's float32 results to a few units in the last place.
+#pragma once
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "peft/param.hpp"
+
+namespace peft {
+
+namespace detail {
+
+/// Returns `value` in its shortest round-trip decimal form (as Python's repr).
+inline std::string format_value(double value) {
+  char buffer[32];
+  const auto result = std::to_chars(buffer, buffer + sizeof buffer, value);
+  return std::string(buffer, result.ptr);
+}
+
+/// Builds "<what>: invalid <option> value: <value>" for std::invalid_argument messages.
+inline std::string invalid_option_message(std::string_view what, std::string_view option, double value) {
+  return std::string(what) + ": invalid " + std::string(option) + " value: " + format_value(value);
+}
+
+/// Throws std::invalid_argument naming `option` and `value` unless `ok`.
+inline void require_option(bool ok, std::string_view what, std::string_view option, double value) {
+  if (!ok) throw std::invalid_argument(invalid_option_message(what, option, value));
+}
+
+/// Returns the trainable parameters of `params` (frozen ones are dropped); throws
+/// std::invalid_argument naming the parameter when a trainable one has no gradient or no value.
+template <class T>
+std::vector<ParamRef<T>> collect_trainable(std::span<const ParamRef<T>> params, std::string_view what) {
+  std::vector<ParamRef<T>> out;
+  for (const auto& p : params) {
+    if (!p.trainable) continue;
+    if (p.grad == nullptr && p.size != 0) {
+      throw std::invalid_argument(std::string(what) + ": trainable parameter '" + p.name +
+                                  "' has no gradient (grad == nullptr)");
+    }
+    if (p.value == nullptr && p.size != 0) {
+      throw std::invalid_argument(std::string(what) + ": trainable parameter '" + p.name +
+                                  "' has no value (value == nullptr)");
+    }
+    out.push_back(p);
+  }
+  return out;
+}
+
+/// Total number of elements of `params`.
+template <class T>
+std::size_t total_size(const std::vector<ParamRef<T>>& params) {
+  std::size_t n = 0;
+  for (const auto& p : params) n += p.size;
+  return n;
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Adam and AdamW
+
+/// Options of AdamW (torch.optim.AdamW's defaults).
+struct AdamWOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 1e-2;
+  bool amsgrad = false;
+};
+
+/// Options of Adam (torch.optim.Adam's defaults: no weight decay).
+struct AdamOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+  bool amsgrad = false;
+};
+
+namespace detail {
+
+/// Adam's machinery shared by Adam (L2 penalty added to the gradient) and AdamW (decoupled decay).
+template <class T, bool Decoupled>
+class AdamCore {
+ public:
+  /// Validates the options, keeps the trainable parameters of `params` and allocates all state
+  /// (first and second moments, and the running maximum for AMSGrad), zero-initialised.
+  AdamCore(std::span<const ParamRef<T>> params, double lr, double beta1, double beta2, double eps,
+           double weight_decay, bool amsgrad)
+      : lr_(lr), beta1_(beta1), beta2_(beta2), eps_(eps), weight_decay_(weight_decay), amsgrad_(amsgrad) {
+    constexpr std::string_view what = Decoupled ? "AdamW" : "Adam";
+    require_option(lr >= 0.0, what, "lr (learning rate)", lr);
+    require_option(eps >= 0.0, what, "eps (epsilon)", eps);
+    require_option(beta1 >= 0.0 && beta1 < 1.0, what, "beta1 (beta parameter at index 0)", beta1);
+    require_option(beta2 >= 0.0 && beta2 < 1.0, what, "beta2 (beta parameter at index 1)", beta2);
+    require_option(weight_decay >= 0.0, what, "weight_decay", weight_decay);
+    params_ = collect_trainable(params, what);
+    const std::size_t n = total_size(params_);
+    exp_avg_.assign(n, T(0));
+    exp_avg_sq_.assign(n, T(0));
+    if (amsgrad_) max_exp_avg_sq_.assign(n, T(0));
+  }
+
+  /// Performs one update: increments step_count(), then updates every trainable parameter's value
+  /// and its moments (and AMSGrad maximum) from its current gradient. Gradients are not modified.
+  /// Allocates nothing.
+  void step() {
+    ++step_;
+    const double step = static_cast<double>(step_);
+    const double bias_correction1 = 1.0 - std::pow(beta1_, step);
+    const double bias_correction2 = 1.0 - std::pow(beta2_, step);
+    const double step_size = lr_ / bias_correction1;
+    const double bias_correction2_sqrt = std::sqrt(bias_correction2);
+
+    const T decay = static_cast<T>(1.0 - lr_ * weight_decay_);
+    const T wd = static_cast<T>(weight_decay_);
+    const T beta1 = static_cast<T>(beta1_);
+    const T one_minus_beta1 = static_cast<T>(1.0 - beta1_);
+    const T beta2 = static_cast<T>(beta2_);
+    const T one_minus_beta2 = static_cast<T>(1.0 - beta2_);
+    const T bc2_sqrt = static_cast<T>(bias_correction2_sqrt);
+    const T eps = static_cast<T>(eps_);
+    const T neg_step_size = static_cast<T>(-step_size);
+
+    std::size_t offset = 0;
+    for (const auto& p : params_) {
+      T* value = p.value;
+      const T* grad = p.grad;
+      T* m = exp_avg_.data() + offset;
+      T* v = exp_avg_sq_.data() + offset;
+      T* vmax = amsgrad_ ? max_exp_avg_sq_.data() + offset : nullptr;
+      for (std::size_t i = 0; i < p.size; ++i) {
+        T g = grad[i];
+        if constexpr (Decoupled) {
+          value[i] = value[i] * decay;  // param.mul_(1 - lr * weight_decay)
+        } else {
+          if (weight_decay_ != 0.0) g = g + wd * value[i];  // grad.add(param, alpha=weight_decay)
+        }
+        m[i] = m[i] * beta1;
+        m[i] = m[i] + one_minus_beta1 * g;  // exp_avg.mul_(beta1).add_(grad, alpha=1-beta1)
+        v[i] = v[i] * beta2;
+        v[i] = v[i] + one_minus_beta2 * g * g;  // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1-beta2)
+        T denom;
+        if (amsgrad_) {
+          if (v[i] > vmax[i] || std::isnan(v[i])) vmax[i] = v[i];  // torch.maximum (NaN propagates)
+          denom = std::sqrt(vmax[i]) / bc2_sqrt + eps;
+        } else {
+          denom = std::sqrt(v[i]) / bc2_sqrt + eps;
+        }
+        value[i] = value[i] + neg_step_size * m[i] / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
+      }
+      offset += p.size;
+    }
+  }
+
+  /// Assigns zero to every element of the gradients of the trainable parameters (frozen
+  /// parameters are not touched).
+  void zero_grad() {
+    for (const auto& p : params_) std::fill(p.grad, p.grad + p.size, T(0));
+  }
+
+  /// Returns the learning rate used by the next step().
+  [[nodiscard]] double lr() const noexcept { return lr_; }
+
+  /// Assigns the learning rate used by subsequent steps; throws std::invalid_argument if negative.
+  void set_lr(double lr) {
+    require_option(lr >= 0.0, Decoupled ? "AdamW" : "Adam", "lr (learning rate)", lr);
+    lr_ = lr;
+  }
+
+  /// Returns the number of step() calls so far (PyTorch's state["step"]).
+  [[nodiscard]] long step_count() const noexcept { return step_; }
+
+  /// Returns the trainable parameters this optimizer updates, in the order given.
+  [[nodiscard]] std::span<const ParamRef<T>> params() const noexcept { return params_; }
+
+ protected:
+  double lr_, beta1_, beta2_, eps_, weight_decay_;
+  bool amsgrad_;
+  long step_ = 0;
+  std::vector<ParamRef<T>> params_;
+  std::vector<T> exp_avg_, exp_avg_sq_, max_exp_avg_sq_;
+};
+
+}  // namespace detail
+
+/// torch.optim.AdamW: Adam with decoupled weight decay (`p *= 1 - lr * weight_decay` before the
+/// Adam update), bias-corrected moments, denominator `sqrt(v) / sqrt(1 - beta2^t) + eps` (or with
+/// the running maximum of v under AMSGrad) and step size `lr / (1 - beta1^t)`.
+///
+/// Only the parameters with `trainable == true` are kept and updated; frozen ones are ignored.
+/// The ParamRefs are copied: the tensors they point to must outlive the optimizer.
+template <class T>
+class AdamW : public detail::AdamCore<T, true> {
+ public:
+  /// Validates `options` (std::invalid_argument naming the option), keeps the trainable parameters
+  /// of `params` (std::invalid_argument naming a trainable one without gradient) and allocates the
+  /// zero-initialised moment buffers.
+  explicit AdamW(std::span<const ParamRef<T>> params, const AdamWOptions& options = {})
+      : detail::AdamCore<T, true>(params, options.lr, options.beta1, options.beta2, options.eps,
+                                  options.weight_decay, options.amsgrad),
+        options_(options) {}
+
+  /// Returns the options given at construction, with `lr` as it currently is.
+  [[nodiscard]] AdamWOptions options() const noexcept {
+    AdamWOptions o = options_;
+    o.lr = this->lr_;
+    return o;
+  }
+
+ private:
+  AdamWOptions options_;
+};
+
+/// torch.optim.Adam: weight decay as an L2 penalty added to the gradient (`g + weight_decay * p`)
+/// before the moments are updated; otherwise as AdamW.
+template <class T>
+class Adam : public detail::AdamCore<T, false> {
+ public:
+  /// Validates `options`, keeps the trainable parameters of `params` and allocates the
+  /// zero-initialised moment buffers (see AdamW).
+  explicit Adam(std::span<const ParamRef<T>> params, const AdamOptions& options = {})
+      : detail::AdamCore<T, false>(params, options.lr, options.beta1, options.beta2, options.eps,
+                                   options.weight_decay, options.amsgrad),
+        options_(options) {}
+
+  /// Returns the options given at construction, with `lr` as it currently is.
+  [[nodiscard]] AdamOptions options() const noexcept {
+    AdamOptions o = options_;
+    o.lr = this->lr_;
+    return o;
+  }
+
+ private:
+  AdamOptions options_;
+};
+
+template <class T>
+AdamW(const std::vector<ParamRef<T>>&) -> AdamW<T>;
+template <class T>
+AdamW(const std::vector<ParamRef<T>>&, const AdamWOptions&) -> AdamW<T>;
+template <class T>
+Adam(const std::vector<ParamRef<T>>&) -> Adam<T>;
+template <class T>
+Adam(const std::vector<ParamRef<T>>&, const AdamOptions&) -> Adam<T>;
+
+// ---------------------------------------------------------------------------------------------
+// SGD
+
+/// Options of SGD (torch.optim.SGD's defaults; PyTorch has no default lr, peft uses 1e-2).
+struct SGDOptions {
+  double lr = 1e-2;
+  double momentum = 0.0;
+  double dampening = 0.0;
+  double weight_decay = 0.0;
+  bool nesterov = false;
+};
+
+/// torch.optim.SGD: `d = g + weight_decay * p`; with momentum, `buf = d` on the first step and
+/// `buf = momentum * buf + (1 - dampening) * d` afterwards, then `d = d + momentum * buf` (Nesterov)
+/// or `d = buf`; finally `p -= lr * d`.
+///
+/// Only the parameters with `trainable == true` are kept and updated; frozen ones are ignored.
+template <class T>
+class SGD {
+ public:
+  /// Validates `options` (std::invalid_argument naming the option), keeps the trainable parameters
+  /// of `params` and, when momentum != 0, allocates the momentum buffers.
+  explicit SGD(std::span<const ParamRef<T>> params, const SGDOptions& options = {}) : options_(options) {
+    constexpr std::string_view what = "SGD";
+    detail::require_option(options.lr >= 0.0, what, "lr (learning rate)", options.lr);
+    detail::require_option(options.momentum >= 0.0, what, "momentum", options.momentum);
+    detail::require_option(options.weight_decay >= 0.0, what, "weight_decay", options.weight_decay);
+    detail::require_option(std::isfinite(options.dampening), what, "dampening", options.dampening);
+    if (options.nesterov && !(options.momentum > 0.0 && options.dampening == 0.0)) {
+      throw std::invalid_argument("SGD: nesterov momentum requires momentum > 0 and dampening == 0 (got momentum = " +
+                                  detail::format_value(options.momentum) +
+                                  ", dampening = " + detail::format_value(options.dampening) + ")");
+    }
+    params_ = detail::collect_trainable(params, what);
+    if (options_.momentum != 0.0) momentum_buffer_.assign(detail::total_size(params_), T(0));
+  }
+
+  /// Performs one update: increments step_count() and updates every trainable parameter's value
+  /// (and momentum buffer) from its current gradient. Gradients are not modified. Allocates nothing.
+  void step() {
+    const bool first = step_ == 0;
+    ++step_;
+    const T wd = static_cast<T>(options_.weight_decay);
+    const T momentum = static_cast<T>(options_.momentum);
+    const T one_minus_dampening = static_cast<T>(1.0 - options_.dampening);
+    const T neg_lr = static_cast<T>(-options_.lr);
+    const bool use_wd = options_.weight_decay != 0.0;
+    const bool use_momentum = options_.momentum != 0.0;
+
+    std::size_t offset = 0;
+    for (const auto& p : params_) {
+      T* value = p.value;
+      const T* grad = p.grad;
+      T* buf = use_momentum ? momentum_buffer_.data() + offset : nullptr;
+      for (std::size_t i = 0; i < p.size; ++i) {
+        T d = grad[i];
+        if (use_wd) d = d + wd * value[i];  // d_p.add(param, alpha=weight_decay)
+        if (use_momentum) {
+          if (first) {
+            buf[i] = d;  // torch.clone(d_p)
+          } else {
+            buf[i] = buf[i] * momentum;
+            buf[i] = buf[i] + one_minus_dampening * d;  // buf.mul_(momentum).add_(d_p, alpha=1-dampening)
+          }
+          d = options_.nesterov ? d + momentum * buf[i] : buf[i];
+        }
+        value[i] = value[i] + neg_lr * d;  // param.add_(d_p, alpha=-lr)
+      }
+      offset += p.size;
+    }
+  }
+
+  /// Assigns zero to every element of the gradients of the trainable parameters (frozen
+  /// parameters are not touched).
+  void zero_grad() {
+    for (const auto& p : params_) std::fill(p.grad, p.grad + p.size, T(0));
+  }
+
+  /// Returns the learning rate used by the next step().
+  [[nodiscard]] double lr() const noexcept { return options_.lr; }
+
+  /// Assigns the learning rate used by subsequent steps; throws std::invalid_argument if negative.
+  void set_lr(double lr) {
+    detail::require_option(lr >= 0.0, "SGD", "lr (learning rate)", lr);
+    options_.lr = lr;
+  }
+
+  /// Returns the number of step() calls so far.
+  [[nodiscard]] long step_count() const noexcept { return step_; }
+
+  /// Returns the options given at construction, with `lr` as it currently is.
+  [[nodiscard]] const SGDOptions& options() const noexcept { return options_; }
+
+  /// Returns the trainable parameters this optimizer updates, in the order given.
+  [[nodiscard]] std::span<const ParamRef<T>> params() const noexcept { return params_; }
+
+ private:
+  SGDOptions options_;
+  long step_ = 0;
+  std::vector<ParamRef<T>> params_;
+  std::vector<T> momentum_buffer_;
+};
+
+template <class T>
+SGD(const std::vector<ParamRef<T>>&) -> SGD<T>;
+template <class T>
+SGD(const std::vector<ParamRef<T>>&, const SGDOptions&) -> SGD<T>;
+
+// ---------------------------------------------------------------------------------------------
+// Gradient clipping
+
+/// torch.nn.utils.clip_grad_norm_: computes the `norm_type`-norm of all gradients of the trainable
+/// parameters together (as if concatenated; `norm_type` > 0 or +infinity, accumulated in double),
+/// then, when `clip_coef = max_norm / (total_norm + 1e-6)` is below 1, multiplies every such
+/// gradient by clip_coef (as PyTorch, a NaN total norm makes the coefficient, and so the gradients,
+/// NaN). Returns the total norm before clipping. Frozen parameters are not touched; a trainable
+/// parameter without gradient, a negative or NaN max_norm, or a norm_type that is not positive
+/// throws std::invalid_argument.
+template <class T>
+double clip_grad_norm(std::span<const ParamRef<T>> params, double max_norm, double norm_type = 2.0) {
+  detail::require_option(max_norm >= 0.0, "clip_grad_norm", "max_norm", max_norm);
+  detail::require_option(norm_type > 0.0, "clip_grad_norm", "norm_type", norm_type);
+  for (const auto& p : params) {
+    if (p.trainable && p.grad == nullptr && p.size != 0) {
+      throw std::invalid_argument("clip_grad_norm: trainable parameter '" + p.name +
+                                  "' has no gradient (grad == nullptr)");
+    }
+  }
+  const bool inf_norm = std::isinf(norm_type);
+  double total = 0.0;
+  for (const auto& p : params) {
+    if (!p.trainable) continue;
+    for (std::size_t i = 0; i < p.size; ++i) {
+      const double a = std::abs(static_cast<double>(p.grad[i]));
+      if (inf_norm) {
+        total = (a > total || std::isnan(a)) ? a : total;
+      } else if (norm_type == 2.0) {
+        total += a * a;
+      } else if (norm_type == 1.0) {
+        total += a;
+      } else {
+        total += std::pow(a, norm_type);
+      }
+    }
+    if (inf_norm && std::isnan(total)) break;
+  }
+  if (!inf_norm) {
+    if (norm_type == 2.0) {
+      total = std::sqrt(total);
+    } else if (norm_type != 1.0) {
+      total = std::pow(total, 1.0 / norm_type);
+    }
+  }
+  const double clip_coef = max_norm / (total + 1e-6);
+  if (!(clip_coef >= 1.0)) {  // clamp(clip_coef, max=1); a NaN coefficient propagates as in PyTorch
+    const T coef = static_cast<T>(clip_coef);
+    for (const auto& p : params) {
+      if (!p.trainable) continue;
+      for (std::size_t i = 0; i < p.size; ++i) p.grad[i] = p.grad[i] * coef;
+    }
+  }
+  return total;
+}
+
+/// Overload of clip_grad_norm for a vector of parameter handles.
+template <class T>
+double clip_grad_norm(const std::vector<ParamRef<T>>& params, double max_norm, double norm_type = 2.0) {
+  return clip_grad_norm(std::span<const ParamRef<T>>(params), max_norm, norm_type);
+}
+
+/// torch.nn.utils.clip_grad_value_: assigns to each gradient element of the trainable parameters
+/// its value clamped to [-clip_value, clip_value]. Throws std::invalid_argument if clip_value is
+/// negative or NaN, or if a trainable parameter has no gradient. Frozen parameters are not touched.
+template <class T>
+void clip_grad_value(std::span<const ParamRef<T>> params, double clip_value) {
+  detail::require_option(clip_value >= 0.0, "clip_grad_value", "clip_value", clip_value);
+  for (const auto& p : params) {
+    if (p.trainable && p.grad == nullptr && p.size != 0) {
+      throw std::invalid_argument("clip_grad_value: trainable parameter '" + p.name +
+                                  "' has no gradient (grad == nullptr)");
+    }
+  }
+  const T hi = static_cast<T>(clip_value);
+  const T lo = -hi;
+  for (const auto& p : params) {
+    if (!p.trainable) continue;
+    for (std::size_t i = 0; i < p.size; ++i) {
+      T& g = p.grad[i];
+      if (g < lo) {
+        g = lo;
+      } else if (g > hi) {
+        g = hi;
+      }
+    }
+  }
+}
+
+/// Overload of clip_grad_value for a vector of parameter handles.
+template <class T>
+void clip_grad_value(const std::vector<ParamRef<T>>& params, double clip_value) {
+  clip_grad_value(std::span<const ParamRef<T>>(params), clip_value);
+}
+
+}  // namespace peft

@@ -1,0 +1,95 @@
+// peft++ — non-owning row-major matrix views over the caller's memory.
+#pragma once
+
+#include <concepts>
+#include <cstddef>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+#include "peft/errors.hpp"
+
+namespace peft {
+
+using index = std::ptrdiff_t;
+
+namespace detail {
+/// Anything Eigen-like that exposes a row-major dense block: Eigen::Matrix<..., RowMajor>, Eigen::Map,
+/// Eigen::Ref and row-major blocks of them. Checked without including Eigen.
+template <class M>
+concept RowMajorDense = requires(M& m) {
+  { m.data() };
+  { m.rows() } -> std::convertible_to<index>;
+  { m.cols() } -> std::convertible_to<index>;
+  { m.outerStride() } -> std::convertible_to<index>;
+  { m.innerStride() } -> std::convertible_to<index>;
+  std::remove_cvref_t<M>::IsRowMajor;
+};
+}  // namespace detail
+
+/// A row-major matrix view: element (i, j) is `data[i * stride + j]`.
+///
+/// Trivially copyable and never owning. `T` may be const. A view of a vector is a 1 x n matrix.
+/// Views are built from raw pointers, from row-major Eigen objects (`Matrix<T, Dynamic, Dynamic,
+/// RowMajor>`, `Map`, `Ref`, row-major blocks) and, through `peft/interop/xtensor.hpp`, from xtensor
+/// containers and adaptors. On a device backend the pointer is a device pointer.
+template <class T>
+struct MatrixView {
+  T* data = nullptr;
+  index rows = 0;
+  index cols = 0;
+  index stride = 0;  ///< distance between the starts of two rows, in elements (>= cols)
+
+  constexpr MatrixView() = default;
+  constexpr MatrixView(T* p, index r, index c) : MatrixView(p, r, c, c) {}
+  constexpr MatrixView(T* p, index r, index c, index s) : data(p), rows(r), cols(c), stride(s) {
+    if (r < 0 || c < 0 || s < c) throw ShapeError(detail::cat("MatrixView: invalid shape [", r, ", ", c, "] with row stride ", s));
+    if (p == nullptr && r * c != 0) throw ShapeError(detail::cat("MatrixView: null data for a [", r, ", ", c, "] view"));
+  }
+
+  /// Implicit view of a row-major Eigen object, or of an Eigen column vector as [n, 1] (no copy).
+  template <detail::RowMajorDense M>
+    requires std::is_convertible_v<decltype(std::declval<M&>().data()), T*>
+  MatrixView(M&& m) : MatrixView(m.data(), index(m.rows()), index(m.cols()), eigen_row_stride(m)) {}
+
+  /// A mutable view converts to a const one.
+  template <class U>
+    requires(std::is_const_v<T> && std::same_as<std::remove_const_t<T>, U>)
+  constexpr MatrixView(MatrixView<U> o) noexcept : data(o.data), rows(o.rows), cols(o.cols), stride(o.stride) {}
+
+ private:
+  template <class M>
+  static index eigen_row_stride(const M& m) {
+    using E = std::remove_cvref_t<M>;
+    static_assert(E::IsRowMajor || E::ColsAtCompileTime == 1,
+                  "peft::MatrixView needs a row-major Eigen object (Eigen::RowMajor) or a column vector: "
+                  "peft stores activations as [batch, features] and weights as [out, in], row-major");
+    if (index(m.innerStride()) != 1) throw ShapeError("MatrixView: the Eigen object has an inner stride != 1");
+    if constexpr (E::IsRowMajor) return m.rows() <= 1 ? index(m.cols()) : index(m.outerStride());
+    else return 1;
+  }
+
+ public:
+  constexpr T& operator()(index i, index j) const noexcept { return data[i * stride + j]; }
+  constexpr index size() const noexcept { return rows * cols; }
+  constexpr bool empty() const noexcept { return rows * cols == 0; }
+  constexpr bool contiguous() const noexcept { return stride == cols || rows <= 1; }
+  /// Rows [r0, r0 + n).
+  constexpr MatrixView row_block(index r0, index n) const noexcept { MatrixView v; v.data = data + r0 * stride; v.rows = n; v.cols = cols; v.stride = stride; return v; }
+};
+
+template <class T>
+using ConstMatrixView = MatrixView<const T>;
+
+/// View of `rows * cols` contiguous elements.
+template <class T>
+constexpr MatrixView<T> view(T* data, index rows, index cols) { return MatrixView<T>(data, rows, cols); }
+
+/// Throws ShapeError unless `v` is [rows, cols]; `what` names the tensor in the message.
+template <class T>
+void require_shape(const MatrixView<T>& v, index rows, index cols, std::string_view what) {
+  if (v.rows != rows || v.cols != cols)
+    throw ShapeError(detail::cat(what, ": expected shape [", rows, ", ", cols, "], got [", v.rows, ", ", v.cols, "]"));
+}
+
+}  // namespace peft
