@@ -14,7 +14,7 @@ namespace peft {
 using index = std::ptrdiff_t;
 
 namespace detail {
-/// Anything Eigen-like that exposes a row-major dense block: Eigen::Matrix<..., RowMajor>, Eigen::Map,
+/// Anything Eigen-like that exposes a row-major dense block (or a column vector): Eigen::Matrix<..., RowMajor>, Eigen::Map,
 /// Eigen::Ref and row-major blocks of them. Checked without including Eigen.
 template <class M>
 concept RowMajorDense = requires(M& m) {
@@ -23,8 +23,8 @@ concept RowMajorDense = requires(M& m) {
   { m.cols() } -> std::convertible_to<index>;
   { m.outerStride() } -> std::convertible_to<index>;
   { m.innerStride() } -> std::convertible_to<index>;
-  std::remove_cvref_t<M>::IsRowMajor;
-};
+  { std::remove_cvref_t<M>::IsRowMajor };
+} && (bool(std::remove_cvref_t<M>::IsRowMajor) || int(std::remove_cvref_t<M>::ColsAtCompileTime) == 1);
 }  // namespace detail
 
 /// A row-major matrix view: element (i, j) is `data[i * stride + j]`.

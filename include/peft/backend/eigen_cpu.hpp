@@ -160,7 +160,8 @@ struct EigenCpu {
   static void add_row_vector(MatrixView<T> y, const std::type_identity_t<T>* v, std::type_identity_t<T> alpha) {
     if (y.empty()) return;
     Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> vm(v, y.cols);
-    detail::emap(y).rowwise() += alpha * vm;
+    auto ym = detail::emap(y);
+    for (index i = 0; i < y.rows; ++i) ym.row(i) += alpha * vm;  // `rowwise() += alpha * v` would evaluate a temporary
   }
   /// out = beta * out + alpha * Σ_i x[i, :]; out has x.cols elements (beta == 0 does not read out).
   template <class T>

@@ -205,7 +205,8 @@ class Linear {
       throw ShapeError(detail::cat(where, ": x has ", x.cols, " features, the layer expects in_features = ", in_features(), " (x is [", x.rows, ", ", x.cols, "])"));
     if (x.rows > ctx.max_batch)
       throw ShapeError(detail::cat(where, ": batch ", x.rows, " exceeds the context's max_batch ", ctx.max_batch, "; make the context with a larger max_batch"));
-    require_shape(y, x.rows, out_features(), detail::cat(where, ": y"));
+    if (y.rows != x.rows || y.cols != out_features())  // the message is built only on failure: no allocation otherwise
+      throw ShapeError(detail::cat(where, ": y: expected shape [", x.rows, ", ", out_features(), "], got [", y.rows, ", ", y.cols, "]"));
     if (x.data && y.data && x.data < y.data + y.rows * y.stride && y.data < x.data + x.rows * x.stride)
       throw ShapeError(detail::cat(where, ": y overlaps x"));
   }
