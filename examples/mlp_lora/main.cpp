@@ -297,7 +297,7 @@ int main(int argc, char** argv) {
   teacher_a.balance(probe);
   // Task B: W1 gets a rank-2 change, and the classes are remapped (class c becomes c + 1 mod 4).
   Teacher teacher_b = teacher_a;
-  teacher_b.w1 += 0.5f * gaussian(data_gen, 32, 2, 1.0) * gaussian(data_gen, 2, kIn, 0.25);
+  teacher_b.w1 += 1.0f * gaussian(data_gen, 32, 2, 1.0) * gaussian(data_gen, 2, kIn, 0.25);
   for (peft::index c = 0; c < kClasses; ++c) teacher_b.w2.row((c + 1) % kClasses) = teacher_a.w2.row(c);
   teacher_b.w2 += gaussian(data_gen, kClasses, 32, 0.05);
   teacher_b.b2.setZero();
@@ -372,7 +372,7 @@ int main(int argc, char** argv) {
   std::printf("task B test accuracy before: %.2f%% (%s the pretrained model's, since lora_B starts at zero)\n", 100.0 * acc_b_before,
               acc_b_before == acc_b_pretrained ? "equal to" : "DIFFERENT FROM");
 
-  const double base_lr = 5e-3;
+  const double base_lr = 1e-2;
   peft::AdamWOptions opt_b;
   opt_b.lr = base_lr;
   peft::AdamW<float> adamw(params, opt_b);
