@@ -150,8 +150,8 @@ using Map = Eigen::Map<RowMat, Eigen::Aligned64>;
 using RowVec = Eigen::Map<const Eigen::Matrix<float, 1, Eigen::Dynamic>>;
 using Layer = peft::Adapted<peft::Linear<float>, peft::Lora>;
 
-// Shapes of the sweep. M = 2048 with D = 4096 is left out: one forward alone is ~69 GFLOP (about a
-// second per iteration on one core), which would triple the suite's run time.
+// Shapes of the sweep. M = 2048 with D = 4096 is left out: one forward alone is 69 GFLOP (0.5 s on one
+// core at best, several seconds with a generic OpenBLAS kernel), which would triple the suite's run time.
 constexpr int kMs[] = {32, 512, 2048};
 constexpr int kDs[] = {256, 1024, 4096};
 constexpr int kRs[] = {8, 16};
@@ -296,8 +296,9 @@ struct BaseProblem {
   }
 };
 
-// Problems are built once per shape and kept for the whole run: with --benchmark_enable_random_interleaving
-// every repetition is a separate run, and rebuilding [4096, 4096] weights each time would dominate.
+// Problems are built once per shape and kept for the whole run (about 1 GB in all): with
+// --benchmark_enable_random_interleaving every repetition is a separate run, and rebuilding [4096, 4096]
+// weights each time would dominate the run time.
 template <class P, class... K>
 P& cached(K... key) {
   static std::map<std::tuple<K...>, std::unique_ptr<P>> cache;

@@ -45,10 +45,10 @@ namespace {
 
 using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;  // peft++ is row-major
 using RowVec = Eigen::RowVectorXf;
-using peft::index;
+using peft::Index;
 
-constexpr index kIn = 16, kHidden = 128, kClasses = 4;  // the MLP: 16 → 128 → 128 → 4
-constexpr index kBatch = 64;
+constexpr Index kIn = 16, kHidden = 128, kClasses = 4;  // the MLP: 16 → 128 → 128 → 4
+constexpr Index kBatch = 64;
 
 // ---------------------------------------------------------------------------------------------
 // The model: your own struct. fc1 and fc2 can take adapters; the head is a plain Linear.
@@ -106,7 +106,7 @@ Workspace make_workspace(const Mlp& m) {
 /// Forward pass of the rows of x (at most kBatch); returns the logits. Row-major Eigen blocks convert
 /// to peft's matrix views without a copy.
 Mat::RowsBlockXpr forward(Mlp& m, Workspace& w, peft::ConstMatrixView<float> x) {
-  const index n = x.rows;
+  const Index n = x.rows;
   m.fc1.forward(w.fc1, x, w.h1.topRows(n));
   m.act1.forward(w.h1.topRows(n), w.a1.topRows(n));
   m.fc2.forward(w.fc2, w.a1.topRows(n), w.h2.topRows(n));
@@ -117,7 +117,7 @@ Mat::RowsBlockXpr forward(Mlp& m, Workspace& w, peft::ConstMatrixView<float> x) 
 
 /// Backward pass, in reverse order, from w.dlogits. Parameter gradients accumulate (PyTorch's .grad),
 /// so call peft::zero_grad(model) before each batch. Frozen weights get no gradient.
-void backward(Mlp& m, Workspace& w, index n) {
+void backward(Mlp& m, Workspace& w, Index n) {
   m.head.backward(w.head, w.dlogits.topRows(n), w.da2.topRows(n));
   m.act2.backward(w.a2.topRows(n), w.da2.topRows(n), w.dh2.topRows(n));
   m.fc2.backward(w.fc2, w.dh2.topRows(n), w.da1.topRows(n));
@@ -127,9 +127,9 @@ void backward(Mlp& m, Workspace& w, index n) {
 
 /// Mean softmax cross-entropy of `logits` against `labels`; writes dLoss/dlogits into `dlogits`.
 double cross_entropy(const Eigen::Ref<const Mat>& logits, const int* labels, Eigen::Ref<Mat> dlogits) {
-  const index n = logits.rows();
+  const Index n = logits.rows();
   double loss = 0;
-  for (index i = 0; i < n; ++i) {
+  for (Index i = 0; i < n; ++i) {
     const float mx = logits.row(i).maxCoeff();
     const RowVec e = (logits.row(i).array() - mx).exp().matrix();
     const float sum = e.sum();
@@ -146,7 +146,7 @@ double cross_entropy(const Eigen::Ref<const Mat>& logits, const int* labels, Eig
 struct Dataset {
   Mat x;
   std::vector<int> y;
-  index size() const { return x.rows(); }
+  Index size() const { return x.rows(); }
 };
 
 struct Teacher {
@@ -160,7 +160,7 @@ struct Teacher {
   std::vector<int> labels(const Mat& x) const {
     const Mat l = logits(x);
     std::vector<int> y(std::size_t(l.rows()));
-    for (index i = 0; i < l.rows(); ++i) l.row(i).maxCoeff(&y[std::size_t(i)]);
+    for (Index i = 0; i < l.rows(); ++i) l.row(i).maxCoeff(&y[std::size_t(i)]);
     return y;
   }
   /// Shifts the output biases so that the classes are about equally frequent on x.
@@ -175,13 +175,13 @@ struct Teacher {
   }
 };
 
-Mat gaussian(peft::Generator& gen, index rows, index cols, double std) {
+Mat gaussian(peft::Generator& gen, Index rows, Index cols, double std) {
   Mat m(rows, cols);
   gen.normal(m.data(), std::size_t(m.size()), 0.0, std);
   return m;
 }
 
-Dataset make_dataset(peft::Generator& gen, const Teacher& t, index n) {
+Dataset make_dataset(peft::Generator& gen, const Teacher& t, Index n) {
   Dataset d{gaussian(gen, n, kIn, 1.0), {}};
   d.y = t.labels(d.x);
   return d;
@@ -193,12 +193,12 @@ Dataset make_dataset(peft::Generator& gen, const Teacher& t, index n) {
 /// Fraction of correctly classified points of d (in eval mode, in kBatch chunks through the same contexts).
 double accuracy(Mlp& m, Workspace& w, const Dataset& d) {
   peft::eval(m);  // eval mode switches off LoRA dropout (none here; a habit worth keeping)
-  index correct = 0;
-  for (index i = 0; i < d.size(); i += kBatch) {
-    const index n = std::min(kBatch, d.size() - i);
+  Index correct = 0;
+  for (Index i = 0; i < d.size(); i += kBatch) {
+    const Index n = std::min(kBatch, d.size() - i);
     const auto logits = forward(m, w, d.x.middleRows(i, n));
-    for (index r = 0; r < n; ++r) {
-      index pred;
+    for (Index r = 0; r < n; ++r) {
+      Index pred;
       logits.row(r).maxCoeff(&pred);
       correct += pred == d.y[std::size_t(i + r)];
     }
@@ -209,21 +209,21 @@ double accuracy(Mlp& m, Workspace& w, const Dataset& d) {
 
 /// Fisher–Yates with std::mt19937_64 (fully specified by the standard, unlike std::shuffle), so the
 /// batches are the same on every platform.
-void shuffle(std::vector<index>& order, std::mt19937_64& rng) {
+void shuffle(std::vector<Index>& order, std::mt19937_64& rng) {
   for (std::size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[rng() % (i + 1)]);
 }
 
 /// One epoch of mini-batch training; `optimizer_step` runs after each backward. Returns the mean loss.
 template <class Step>
 double train_epoch(Mlp& m, Workspace& w, const Dataset& d, std::mt19937_64& rng, Step&& optimizer_step) {
-  std::vector<index> order(std::size_t(d.size()));
-  for (std::size_t i = 0; i < order.size(); ++i) order[i] = index(i);
+  std::vector<Index> order(std::size_t(d.size()));
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = Index(i);
   shuffle(order, rng);
   double total = 0;
-  for (index b = 0; b < d.size(); b += kBatch) {
-    const index n = std::min(kBatch, d.size() - b);
-    for (index r = 0; r < n; ++r) {  // gather the batch
-      const index src = order[std::size_t(b + r)];
+  for (Index b = 0; b < d.size(); b += kBatch) {
+    const Index n = std::min(kBatch, d.size() - b);
+    for (Index r = 0; r < n; ++r) {  // gather the batch
+      const Index src = order[std::size_t(b + r)];
       w.x.row(r) = d.x.row(src);
       w.y[std::size_t(r)] = d.y[std::size_t(src)];
     }
@@ -298,7 +298,7 @@ int main(int argc, char** argv) {
   // Task B: W1 gets a rank-2 change, and the classes are remapped (class c becomes c + 1 mod 4).
   Teacher teacher_b = teacher_a;
   teacher_b.w1 += 1.0f * gaussian(data_gen, 32, 2, 1.0) * gaussian(data_gen, 2, kIn, 0.25);
-  for (peft::index c = 0; c < kClasses; ++c) teacher_b.w2.row((c + 1) % kClasses) = teacher_a.w2.row(c);
+  for (peft::Index c = 0; c < kClasses; ++c) teacher_b.w2.row((c + 1) % kClasses) = teacher_a.w2.row(c);
   teacher_b.w2 += gaussian(data_gen, kClasses, 32, 0.05);
   teacher_b.b2.setZero();
   teacher_b.balance(probe);

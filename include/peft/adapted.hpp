@@ -75,8 +75,8 @@ class Adapted {
 
   Base& base() noexcept { return base_; }
   const Base& base() const noexcept { return base_; }
-  index in_features() const noexcept { return base_.in_features(); }
-  index out_features() const noexcept { return base_.out_features(); }
+  Index in_features() const noexcept { return base_.in_features(); }
+  Index out_features() const noexcept { return base_.out_features(); }
   /// The module path used for rank/alpha patterns and checkpoint keys (e.g. "layers.0.q_proj").
   const std::string& module_path() const noexcept { return path_; }
   void set_module_path(std::string p) { path_ = std::move(p); }
@@ -94,6 +94,7 @@ class Adapted {
     check_new_name(name);
     const int slot = std::get<k>(banks_).add(base_, config.for_module(path_), gen, name);
     entries_.push_back({name, k, slot});
+    if (!seed_set_) seed_ = detail::mix64(gen.seed() ^ detail::mix64(gen.next_stream()));  // layers differ in their masks
     ++generation_;
     if (entries_.size() == 1) set_adapter(name);
   }
@@ -244,12 +245,17 @@ class Adapted {
   void eval() noexcept { training_ = false; }
   bool is_training() const noexcept { return training_; }
   /// Seed of the dropout masks. Every forward in train mode draws new masks; `set_seed` restarts the
-  /// sequence, so two forwards after the same `set_seed` use the same masks.
-  void set_seed(std::uint64_t seed) noexcept { seed_ = seed; forwards_ = 0; }
+  /// sequence, so two forwards after the same `set_seed` use the same masks. Until it is called, the seed
+  /// is drawn from the Generator passed to add_adapter, so different layers get different masks.
+  void set_seed(std::uint64_t seed) noexcept {
+    seed_ = seed;
+    seed_set_ = true;
+    forwards_ = 0;
+  }
 
   /// A context for batches of up to `max_batch` rows: saved activations and GEMM scratch. After this,
   /// forward and backward allocate nothing. Adding or deleting adapters invalidates it.
-  Context make_context(index max_batch) const {
+  Context make_context(Index max_batch) const {
     Context ctx;
     ctx.base = base_.make_context(max_batch);
     detail::for_each_index([&](auto k) { std::get<k>(banks_).make_context(std::get<k>(ctx.banks), ctx.base.scratch, max_batch); },
@@ -265,7 +271,7 @@ class Adapted {
     base_.forward_into(ctx.base.scratch, x, y);
     ctx.base.x = x;
     ctx.base.has_forward = true;
-    ctx.seed = detail::mix64(seed_ + forwards_++);
+    ctx.seed = detail::random_bits(seed_, 0x5EEDull, forwards_++);  // distinct for every (seed, forward count)
     detail::for_each_index(
         [&](auto k) {
           std::get<k>(banks_).forward(std::get<k>(ctx.banks), ctx.base.scratch, active_slots_[k], x, y, training_, ctx.seed, 0);
@@ -364,6 +370,7 @@ class Adapted {
   bool training_ = true;
   std::uint64_t generation_ = 1;
   std::uint64_t seed_ = 0;
+  bool seed_set_ = false;
   std::uint64_t forwards_ = 0;
 };
 

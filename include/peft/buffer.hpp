@@ -52,12 +52,12 @@ class HostBuffer {
   const T& operator[](std::size_t i) const noexcept { return data_.get()[i]; }
 
   /// The first rows*cols elements as a row-major [rows, cols] view.
-  MatrixView<T> view(index rows, index cols) { check(rows, cols); return {data(), rows, cols}; }
-  ConstMatrixView<T> view(index rows, index cols) const { check(rows, cols); return {data(), rows, cols}; }
+  MatrixView<T> view(Index rows, Index cols) { check(rows, cols); return {data(), rows, cols}; }
+  ConstMatrixView<T> view(Index rows, Index cols) const { check(rows, cols); return {data(), rows, cols}; }
 
  private:
   struct Free { void operator()(T* p) const noexcept { std::free(p); } };
-  void check(index rows, index cols) const {
+  void check(Index rows, Index cols) const {
     if (rows < 0 || cols < 0 || std::size_t(rows * cols) > size_)
       throw ShapeError(detail::cat("HostBuffer: a [", rows, ", ", cols, "] view does not fit in ", size_, " elements"));
   }

@@ -182,6 +182,16 @@ void set_adapter(Model& model, const std::string& name, bool inference_mode = fa
   if (!found) throw AdapterError(detail::cat("set_adapter: no layer of the model has an adapter named '", name, "'"));
 }
 
+/// Freezes (false) or unfreezes (true) the base weights of every layer: plain layers and the base layer
+/// inside every adapted layer. Adapter parameters are not touched.
+template <class Model>
+void set_base_requires_grad(Model& model, bool on) {
+  for_each_layer(model, [&](auto& layer, const std::string&) {
+    if constexpr (detail::AdaptedLike<std::remove_cvref_t<decltype(layer)>>) layer.base().set_requires_grad(on);
+    else layer.set_requires_grad(on);
+  });
+}
+
 /// Train or eval mode on every layer that has one (dropout).
 template <class Model>
 void train(Model& model, bool on = true) {

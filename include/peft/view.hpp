@@ -11,7 +11,8 @@
 
 namespace peft {
 
-using index = std::ptrdiff_t;
+/// Sizes and indices (signed, as Eigen::Index).
+using Index = std::ptrdiff_t;
 
 namespace detail {
 /// Anything Eigen-like that exposes a row-major dense block (or a column vector): Eigen::Matrix<..., RowMajor>, Eigen::Map,
@@ -19,10 +20,10 @@ namespace detail {
 template <class M>
 concept RowMajorDense = requires(M& m) {
   { m.data() };
-  { m.rows() } -> std::convertible_to<index>;
-  { m.cols() } -> std::convertible_to<index>;
-  { m.outerStride() } -> std::convertible_to<index>;
-  { m.innerStride() } -> std::convertible_to<index>;
+  { m.rows() } -> std::convertible_to<Index>;
+  { m.cols() } -> std::convertible_to<Index>;
+  { m.outerStride() } -> std::convertible_to<Index>;
+  { m.innerStride() } -> std::convertible_to<Index>;
   { std::remove_cvref_t<M>::IsRowMajor };
 } && (bool(std::remove_cvref_t<M>::IsRowMajor) || int(std::remove_cvref_t<M>::ColsAtCompileTime) == 1);
 }  // namespace detail
@@ -36,13 +37,13 @@ concept RowMajorDense = requires(M& m) {
 template <class T>
 struct MatrixView {
   T* data = nullptr;
-  index rows = 0;
-  index cols = 0;
-  index stride = 0;  ///< distance between the starts of two rows, in elements (>= cols)
+  Index rows = 0;
+  Index cols = 0;
+  Index stride = 0;  ///< distance between the starts of two rows, in elements (>= cols)
 
   constexpr MatrixView() = default;
-  constexpr MatrixView(T* p, index r, index c) : MatrixView(p, r, c, c) {}
-  constexpr MatrixView(T* p, index r, index c, index s) : data(p), rows(r), cols(c), stride(s) {
+  constexpr MatrixView(T* p, Index r, Index c) : MatrixView(p, r, c, c) {}
+  constexpr MatrixView(T* p, Index r, Index c, Index s) : data(p), rows(r), cols(c), stride(s) {
     if (r < 0 || c < 0 || s < c) throw ShapeError(detail::cat("MatrixView: invalid shape [", r, ", ", c, "] with row stride ", s));
     if (p == nullptr && r * c != 0) throw ShapeError(detail::cat("MatrixView: null data for a [", r, ", ", c, "] view"));
   }
@@ -50,7 +51,7 @@ struct MatrixView {
   /// Implicit view of a row-major Eigen object, or of an Eigen column vector as [n, 1] (no copy).
   template <detail::RowMajorDense M>
     requires std::is_convertible_v<decltype(std::declval<M&>().data()), T*>
-  MatrixView(M&& m) : MatrixView(m.data(), index(m.rows()), index(m.cols()), eigen_row_stride(m)) {}
+  MatrixView(M&& m) : MatrixView(m.data(), Index(m.rows()), Index(m.cols()), eigen_row_stride(m)) {}
 
   /// A mutable view converts to a const one.
   template <class U>
@@ -59,23 +60,23 @@ struct MatrixView {
 
  private:
   template <class M>
-  static index eigen_row_stride(const M& m) {
+  static Index eigen_row_stride(const M& m) {
     using E = std::remove_cvref_t<M>;
     static_assert(E::IsRowMajor || E::ColsAtCompileTime == 1,
                   "peft::MatrixView needs a row-major Eigen object (Eigen::RowMajor) or a column vector: "
                   "peft stores activations as [batch, features] and weights as [out, in], row-major");
-    if (index(m.innerStride()) != 1) throw ShapeError("MatrixView: the Eigen object has an inner stride != 1");
-    if constexpr (E::IsRowMajor) return m.rows() <= 1 ? index(m.cols()) : index(m.outerStride());
+    if (Index(m.innerStride()) != 1) throw ShapeError("MatrixView: the Eigen object has an inner stride != 1");
+    if constexpr (E::IsRowMajor) return m.rows() <= 1 ? Index(m.cols()) : Index(m.outerStride());
     else return 1;
   }
 
  public:
-  constexpr T& operator()(index i, index j) const noexcept { return data[i * stride + j]; }
-  constexpr index size() const noexcept { return rows * cols; }
+  constexpr T& operator()(Index i, Index j) const noexcept { return data[i * stride + j]; }
+  constexpr Index size() const noexcept { return rows * cols; }
   constexpr bool empty() const noexcept { return rows * cols == 0; }
   constexpr bool contiguous() const noexcept { return stride == cols || rows <= 1; }
   /// Rows [r0, r0 + n).
-  constexpr MatrixView row_block(index r0, index n) const noexcept { MatrixView v; v.data = data + r0 * stride; v.rows = n; v.cols = cols; v.stride = stride; return v; }
+  constexpr MatrixView row_block(Index r0, Index n) const noexcept { MatrixView v; v.data = data + r0 * stride; v.rows = n; v.cols = cols; v.stride = stride; return v; }
 };
 
 template <class T>
@@ -83,11 +84,11 @@ using ConstMatrixView = MatrixView<const T>;
 
 /// View of `rows * cols` contiguous elements.
 template <class T>
-constexpr MatrixView<T> view(T* data, index rows, index cols) { return MatrixView<T>(data, rows, cols); }
+constexpr MatrixView<T> view(T* data, Index rows, Index cols) { return MatrixView<T>(data, rows, cols); }
 
 /// Throws ShapeError unless `v` is [rows, cols]; `what` names the tensor in the message.
 template <class T>
-void require_shape(const MatrixView<T>& v, index rows, index cols, std::string_view what) {
+void require_shape(const MatrixView<T>& v, Index rows, Index cols, std::string_view what) {
   if (v.rows != rows || v.cols != cols)
     throw ShapeError(detail::cat(what, ": expected shape [", rows, ", ", cols, "], got [", v.rows, ", ", v.cols, "]"));
 }

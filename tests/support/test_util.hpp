@@ -14,7 +14,7 @@ using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 /// A [rows, cols] matrix of values uniform in [-1, 1), the same numbers for float and double (drawn in
 /// double, then rounded).
 template <class T>
-Mat<T> random_mat(index rows, index cols, std::uint64_t seed) {
+Mat<T> random_mat(Index rows, Index cols, std::uint64_t seed) {
   Mat<T> m(rows, cols);
   Generator g(seed);
   g.uniform(m.data(), std::size_t(m.size()), -1.0, 1.0);
@@ -22,7 +22,7 @@ Mat<T> random_mat(index rows, index cols, std::uint64_t seed) {
 }
 
 template <class T>
-Mat<T> filled(index rows, index cols, T v) {
+Mat<T> filled(Index rows, Index cols, T v) {
   return Mat<T>::Constant(rows, cols, v);
 }
 

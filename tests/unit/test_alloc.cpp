@@ -105,8 +105,8 @@ TEMPLATE_TEST_CASE("forward and backward allocate nothing after make_context", "
   // peft++'s own code allocates nothing either way (the operator-new count below).
   openblas_set_num_threads(1);
 #endif
-  for (peft::index d : {64, 1024}) {
-    for (peft::index m : {1, 32, 512}) {
+  for (peft::Index d : {64, 1024}) {
+    for (peft::Index m : {1, 32, 512}) {
       for (int r : {8, 64}) {
         for (double p : {0.0, 0.1}) {
           CAPTURE(d, m, r, p);

@@ -12,7 +12,7 @@ template <class T>
 Mat<T> op(const Mat<T>& m, Trans t) { return t == Trans::yes ? Mat<T>(m.transpose()) : m; }
 
 template <Trans TA, Trans TB, class T>
-void check_gemm(peft::index m, peft::index n, peft::index k, T alpha, T beta) {
+void check_gemm(peft::Index m, peft::Index n, peft::Index k, T alpha, T beta) {
   CAPTURE(m, n, k, int(TA), int(TB), alpha, beta);
   const Mat<T> a = TA == Trans::no ? random_mat<T>(m, k, 1) : random_mat<T>(k, m, 1);
   const Mat<T> b = TB == Trans::no ? random_mat<T>(k, n, 2) : random_mat<T>(n, k, 2);
@@ -57,7 +57,7 @@ TEST_CASE("views: Eigen objects, raw pointers and blocks view the same memory", 
 
 TEMPLATE_TEST_CASE("backend: gemm in all four transpose variants, Eigen and BLAS paths", "[core][gemm]", float, double) {
   using T = TestType;
-  for (auto [m, n, k] : {std::tuple<peft::index, peft::index, peft::index>{1, 1, 1}, {3, 5, 7}, {17, 8, 33}, {64, 64, 64}, {100, 70, 90}, {8, 130, 300}}) {
+  for (auto [m, n, k] : {std::tuple<peft::Index, peft::Index, peft::Index>{1, 1, 1}, {3, 5, 7}, {17, 8, 33}, {64, 64, 64}, {100, 70, 90}, {8, 130, 300}}) {
     check_gemm<Trans::no, Trans::no, T>(m, n, k, T(1), T(0));
     check_gemm<Trans::no, Trans::yes, T>(m, n, k, T(0.5), T(1));
     check_gemm<Trans::yes, Trans::no, T>(m, n, k, T(-2), T(0.25));

@@ -13,7 +13,7 @@ template <class T>
 using LoraLinear = Adapted<Linear<T>, Lora>;
 
 struct Case {
-  peft::index m, in, out;
+  peft::Index m, in, out;
   int r;
   double alpha;
   bool rslora = false, lora_bias = false, fifo = false;
@@ -331,7 +331,7 @@ TEMPLATE_TEST_CASE("lora: PEFT's properties", "[lora][props]", float, double) {
     l.forward(ctx, x, y);
     const auto& xd = std::get<0>(ctx.banks).slots[0].xd;
     std::size_t zeros = 0;
-    for (peft::index i = 0; i < c.m * c.in; ++i) zeros += xd[std::size_t(i)] == T(0);
+    for (peft::Index i = 0; i < c.m * c.in; ++i) zeros += xd[std::size_t(i)] == T(0);
     CHECK(zeros > std::size_t(c.m * c.in) / 4);
     CHECK(zeros < std::size_t(c.m * c.in) * 3 / 4);
   }

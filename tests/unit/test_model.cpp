@@ -167,3 +167,44 @@ TEMPLATE_TEST_CASE("model: two forwards before one backward (micro-batches) accu
   CHECK(max_abs_diff(as_mat(lora_adapter(l, "default").grad_A()), gA) < 10 * value_tol<T>());
   CHECK(max_abs_diff(as_mat(lora_adapter(l, "default").grad_B()), gB) < 10 * value_tol<T>());
 }
+
+TEST_CASE("model: set_base_requires_grad freezes and unfreezes every base weight", "[model]") {
+  Generator g(1);
+  auto m = make_model<float>(g);
+  set_base_requires_grad(m, true);
+  CHECK(count_parameters(m).trainable == count_parameters(m).total);
+  set_base_requires_grad(m, false);
+  CHECK(count_parameters(m).trainable == 240);  // only the two LoRA adapters
+}
+
+TEST_CASE("model: layers get different dropout masks unless seeded alike", "[model][dropout]") {
+  Generator g(1);
+  LoraConfig cfg;
+  cfg.r = 2;
+  cfg.lora_dropout = 0.5;
+  cfg.init_lora_weights = LoraInit::off;
+  Linear<double> base(6, 4, true, g);
+  Adapted<Linear<double>, Lora> l1(base), l2(base);
+  Generator ga(7);
+  l1.add_adapter("default", cfg, ga);
+  Generator gb(7);
+  l2.add_adapter("default", cfg, gb);  // identical adapter weights...
+  Generator gc(8);
+  Adapted<Linear<double>, Lora> l3(base);
+  l3.add_adapter("default", cfg, ga);  // ...and a third layer seeded from the same generator as l1, later
+  const Mat<double> x = random_mat<double>(5, 6, 1);
+  auto out = [&](Adapted<Linear<double>, Lora>& l) {
+    auto ctx = l.make_context(5);
+    Mat<double> y(5, 4);
+    l.forward(ctx, x, y);
+    return y;
+  };
+  CHECK(out(l1) == out(l2));  // same generator state, same masks: reproducible
+  l3.adapter<Lora>("default").a = l1.adapter<Lora>("default").a;
+  l3.adapter<Lora>("default").b = l1.adapter<Lora>("default").b;
+  l1.set_seed(0);
+  l3.set_seed(0);
+  CHECK(out(l1) == out(l3));
+  l3.set_seed(1);
+  CHECK(out(l1) != out(l3));
+}

@@ -25,8 +25,8 @@ json load(const std::string& file) {
 template <class T>
 Mat<T> tensor(const json& j, const std::string& name) {
   const auto& t = j.at("tensors").at(name);
-  const auto shape = t.at("shape").get<std::vector<peft::index>>();
-  const peft::index rows = shape.size() == 2 ? shape[0] : 1, cols = shape.back();
+  const auto shape = t.at("shape").get<std::vector<peft::Index>>();
+  const peft::Index rows = shape.size() == 2 ? shape[0] : 1, cols = shape.back();
   const auto data = t.at("data").get<std::vector<double>>();
   REQUIRE(std::size_t(rows * cols) == data.size());
   Mat<T> m(rows, cols);
@@ -50,7 +50,7 @@ RefMlp<T> build(const json& j) {
   Generator gen(0);
   auto make = [&](const std::string& name) {
     const Mat<T> w = tensor<T>(j, name + ".weight"), b = tensor<T>(j, name + ".bias");
-    const peft::index in = conv1d ? w.rows() : w.cols(), out = conv1d ? w.cols() : w.rows();
+    const peft::Index in = conv1d ? w.rows() : w.cols(), out = conv1d ? w.cols() : w.rows();
     Linear<T> base(in, out, true, gen, layout);
     as_mat(base.weight()) = w;
     as_mat(base.bias()) = b;

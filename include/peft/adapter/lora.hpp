@@ -77,7 +77,7 @@ struct LoraAdapter {
   LoraConfig config;  ///< the resolved per-layer config (patterns applied)
   int r = 0;
   T scaling = 0;
-  index in = 0, out = 0;
+  Index in = 0, out = 0;
   buffer<T> a, b, bias;                 ///< A [r, in], B [out, r], b_B [out] (only with lora_bias)
   buffer<T> grad_a, grad_b, grad_bias;  ///< same shapes
   bool requires_grad = false;
@@ -171,7 +171,7 @@ class LoraBank<Linear<T, Backend>> {
   }
   void remove(int slot) { adapters_.erase(adapters_.begin() + slot); }
 
-  void make_context(Context& ctx, Scratch& scratch, index max_batch) const {
+  void make_context(Context& ctx, Scratch& scratch, Index max_batch) const {
     ctx.slots.resize(adapters_.size());
     ctx.ran.reserve(adapters_.size());
     for (std::size_t i = 0; i < adapters_.size(); ++i) {
@@ -196,7 +196,7 @@ class LoraBank<Linear<T, Backend>> {
   void forward(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T> x, MatrixView<T> y,
                bool dropout_on, std::uint64_t seed, std::uint64_t stream0) const {
     ctx.ran.assign(active.begin(), active.end());
-    const index m = x.rows;
+    const Index m = x.rows;
     for (int slot : active) {
       const auto& a = adapters_[std::size_t(slot)];
       auto& s = ctx.slots[std::size_t(slot)];
@@ -219,7 +219,7 @@ class LoraBank<Linear<T, Backend>> {
   /// trainable slots per `mode`: dA = s (dy B)ᵀ dropout(x), dB = s dyᵀ t, db_B = s Σ_rows dy.
   void backward(Context& ctx, Scratch& scratch, ConstMatrixView<T> x, ConstMatrixView<T> dy, MatrixView<T> dx, GradMode mode,
                 std::uint64_t seed) {
-    const index m = dy.rows;
+    const Index m = dy.rows;
     const T beta = mode == GradMode::accumulate ? T(1) : T(0);
     for (int slot : ctx.ran) {
       auto& a = adapters_[std::size_t(slot)];

@@ -50,11 +50,11 @@ class ScratchBlocking : public Eigen::internal::level3_blocking<T, T> {
  public:
   /// For a row-major result [m, n] with inner dimension k. Eigen transposes a row-major product into a
   /// column-major one, so its "rows" are our n and its "cols" our m.
-  ScratchBlocking(index m, index n, index k) {
+  ScratchBlocking(Index m, Index n, Index k) {
     this->m_mc = n;
     this->m_nc = m;
     this->m_kc = k;
-    Eigen::internal::computeProductBlockingSizes<T, T, 1, index>(this->m_kc, this->m_mc, this->m_nc, index(1));
+    Eigen::internal::computeProductBlockingSizes<T, T, 1, Index>(this->m_kc, this->m_mc, this->m_nc, Index(1));
   }
   static constexpr std::size_t pad(std::size_t n) { return (n + 15) / 16 * 16; }
   /// Elements of scratch needed: packed panels of both operands.
@@ -65,7 +65,7 @@ class ScratchBlocking : public Eigen::internal::level3_blocking<T, T> {
   }
 };
 
-inline bool use_blas(index m, index n, index k) {
+inline bool use_blas(Index m, Index n, Index k) {
 #if defined(PEFT_WITH_OPENBLAS)
   // OpenBLAS beats Eigen on large, fat products; Eigen is faster when one side is a LoRA rank
   // (OpenBLAS reaches ~19 GFLOP/s when the inner dimension is 8 on this class of CPU).
@@ -91,7 +91,7 @@ struct EigenCpu {
   struct GemmScratch {
     HostBuffer<T> data;
     /// Grows the scratch so that a [m, n] x k product fits. Allocates; call at context creation only.
-    void reserve_gemm(index m, index n, index k) {
+    void reserve_gemm(Index m, Index n, Index k) {
       if (m <= 0 || n <= 0 || k <= 0 || detail::use_blas(m, n, k)) return;
       const auto need = detail::ScratchBlocking<T>(m, n, k).required();
       if (need > data.size()) data.resize(need);
@@ -103,15 +103,15 @@ struct EigenCpu {
   template <Trans TA, Trans TB, class T>
   static void gemm(GemmScratch<T>& scratch, std::type_identity_t<T> alpha, std::type_identity_t<ConstMatrixView<T>> a,
                    std::type_identity_t<ConstMatrixView<T>> b, std::type_identity_t<T> beta, std::type_identity_t<MatrixView<T>> c) {
-    const index m = c.rows, n = c.cols;
-    const index k = TA == Trans::no ? a.cols : a.rows;
+    const Index m = c.rows, n = c.cols;
+    const Index k = TA == Trans::no ? a.cols : a.rows;
     if (m == 0 || n == 0) return;
     if (k == 0 || alpha == T(0)) { scale(c, beta); return; }
 #if defined(PEFT_WITH_OPENBLAS)
     if (detail::use_blas(m, n, k)) {
       const auto ta = TA == Trans::no ? CblasNoTrans : CblasTrans;
       const auto tb = TB == Trans::no ? CblasNoTrans : CblasTrans;
-      const int lda = int(std::max<index>(a.stride, 1)), ldb = int(std::max<index>(b.stride, 1)), ldc = int(std::max<index>(c.stride, 1));
+      const int lda = int(std::max<Index>(a.stride, 1)), ldb = int(std::max<Index>(b.stride, 1)), ldc = int(std::max<Index>(c.stride, 1));
       if constexpr (std::is_same_v<T, float>)
         cblas_sgemm(CblasRowMajor, ta, tb, int(m), int(n), int(k), alpha, a.data, lda, b.data, ldb, beta, c.data, ldc);
       else
@@ -127,9 +127,9 @@ struct EigenCpu {
     blocking.bind(scratch.data.data());
     constexpr int lhs_order = TA == Trans::no ? Eigen::RowMajor : Eigen::ColMajor;
     constexpr int rhs_order = TB == Trans::no ? Eigen::RowMajor : Eigen::ColMajor;
-    Eigen::internal::general_matrix_matrix_product<index, T, lhs_order, false, T, rhs_order, false, Eigen::RowMajor, 1>::run(
-        m, n, k, a.data, std::max<index>(a.stride, 1), b.data, std::max<index>(b.stride, 1), c.data, 1,
-        std::max<index>(c.stride, 1), alpha, blocking);
+    Eigen::internal::general_matrix_matrix_product<Index, T, lhs_order, false, T, rhs_order, false, Eigen::RowMajor, 1>::run(
+        m, n, k, a.data, std::max<Index>(a.stride, 1), b.data, std::max<Index>(b.stride, 1), c.data, 1,
+        std::max<Index>(c.stride, 1), alpha, blocking);
   }
 
   /// y = beta * y (beta == 0 assigns zeros without reading y).
@@ -161,7 +161,7 @@ struct EigenCpu {
     if (y.empty()) return;
     Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> vm(v, y.cols);
     auto ym = detail::emap(y);
-    for (index i = 0; i < y.rows; ++i) ym.row(i) += alpha * vm;  // `rowwise() += alpha * v` would evaluate a temporary
+    for (Index i = 0; i < y.rows; ++i) ym.row(i) += alpha * vm;  // `rowwise() += alpha * v` would evaluate a temporary
   }
   /// out = beta * out + alpha * Σ_i x[i, :]; out has x.cols elements (beta == 0 does not read out).
   template <class T>
@@ -172,14 +172,14 @@ struct EigenCpu {
     else om = beta * om + alpha * detail::emap(x).colwise().sum();
   }
   /// Inverted dropout: y = x * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn from (seed, stream, element
-  /// index), so the same (seed, stream) gives the same mask. y may equal x.
+  /// Index), so the same (seed, stream) gives the same mask. y may equal x.
   template <class T>
   static void dropout(std::type_identity_t<ConstMatrixView<T>> x, MatrixView<T> y, double p, std::uint64_t seed, std::uint64_t stream) {
     const T keep_scale = T(1.0 / (1.0 - p));
-    for (index i = 0; i < x.rows; ++i) {
+    for (Index i = 0; i < x.rows; ++i) {
       const T* xr = x.data + i * x.stride;
       T* yr = y.data + i * y.stride;
-      for (index j = 0; j < x.cols; ++j) {
+      for (Index j = 0; j < x.cols; ++j) {
         const bool keep = detail::uniform01(seed, stream, std::uint64_t(i * x.cols + j)) >= p;
         yr[j] = keep ? xr[j] * keep_scale : T(0);
       }

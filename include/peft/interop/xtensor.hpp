@@ -19,12 +19,12 @@ auto xview(E& e) -> MatrixView<std::remove_pointer_t<decltype(e.data())>> {
   const auto& shape = e.shape();
   const auto& strides = e.strides();
   const std::size_t dim = shape.size();
-  if (dim == 1) return MatrixView<V>(e.data() + e.data_offset(), 1, index(shape[0]));
+  if (dim == 1) return MatrixView<V>(e.data() + e.data_offset(), 1, Index(shape[0]));
   if (dim != 2) throw ShapeError(detail::cat("peft::xview: expected a 1-D or 2-D xtensor expression, got ", dim, " dimensions"));
-  const index rows = index(shape[0]), cols = index(shape[1]);
+  const Index rows = Index(shape[0]), cols = Index(shape[1]);
   // xtensor reports a stride of 0 along dimensions of extent 1
-  const index inner = cols == 1 ? 1 : index(strides[1]);
-  const index outer = rows == 1 ? cols : index(strides[0]);
+  const Index inner = cols == 1 ? 1 : Index(strides[1]);
+  const Index outer = rows == 1 ? cols : Index(strides[0]);
   if (inner != 1 || outer < cols)
     throw ShapeError(detail::cat("peft::xview: the xtensor expression is not row-major with contiguous rows (strides [", strides[0], ", ",
                                  strides[1], "] for shape [", rows, ", ", cols, "])"));

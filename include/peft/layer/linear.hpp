@@ -29,7 +29,7 @@ template <class T, class Backend>
 class ParamStorage {
  public:
   ParamStorage() = default;
-  static ParamStorage owned(index rows, index cols) {
+  static ParamStorage owned(Index rows, Index cols) {
     ParamStorage p;
     p.own_.resize(std::size_t(rows * cols));
     p.view_ = MatrixView<T>(p.own_.data(), rows, cols);
@@ -80,7 +80,7 @@ class Linear {
   /// Activations saved by forward for backward, and the GEMM scratch. Owned by the caller, one per
   /// forward in flight; made by `make_context`, after which forward/backward allocate nothing.
   struct Context {
-    index max_batch = 0;
+    Index max_batch = 0;
     ConstMatrixView<T> x;  ///< the input of the last forward (must stay alive until backward)
     bool has_forward = false;
     typename Backend::template GemmScratch<T> scratch;
@@ -89,7 +89,7 @@ class Linear {
   Linear() = default;
 
   /// An owned layer with PyTorch's default initialisation (weight and bias uniform in ±1/√in).
-  Linear(index in_features, index out_features, bool bias, Generator& gen, WeightLayout layout = WeightLayout::out_in)
+  Linear(Index in_features, Index out_features, bool bias, Generator& gen, WeightLayout layout = WeightLayout::out_in)
       : layout_(layout) {
     if (in_features <= 0 || out_features <= 0)
       throw ShapeError(detail::cat("Linear: in_features and out_features must be positive, got ", in_features, " and ", out_features));
@@ -119,8 +119,8 @@ class Linear {
     return l;
   }
 
-  index in_features() const noexcept { return layout_ == WeightLayout::out_in ? weight_.view().cols : weight_.view().rows; }
-  index out_features() const noexcept { return layout_ == WeightLayout::out_in ? weight_.view().rows : weight_.view().cols; }
+  Index in_features() const noexcept { return layout_ == WeightLayout::out_in ? weight_.view().cols : weight_.view().rows; }
+  Index out_features() const noexcept { return layout_ == WeightLayout::out_in ? weight_.view().rows : weight_.view().cols; }
   WeightLayout layout() const noexcept { return layout_; }
   bool has_bias() const noexcept { return !bias_.empty(); }
 
@@ -146,7 +146,7 @@ class Linear {
   MatrixView<T> weight_grad() { return requires_grad_ ? weight_grad_.view(weight_.view().rows, weight_.view().cols) : MatrixView<T>{}; }
   MatrixView<T> bias_grad() { return requires_grad_ && has_bias() ? bias_grad_.view(1, out_features()) : MatrixView<T>{}; }
 
-  Context make_context(index max_batch) const {
+  Context make_context(Index max_batch) const {
     if (max_batch <= 0) throw ShapeError(detail::cat("Linear::make_context: max_batch must be positive, got ", max_batch));
     Context ctx;
     ctx.max_batch = max_batch;
@@ -154,8 +154,8 @@ class Linear {
     return ctx;
   }
   /// Grows a scratch for every product this layer runs at batch <= max_batch.
-  void reserve(typename Backend::template GemmScratch<T>& s, index max_batch) const {
-    const index in = in_features(), out = out_features();
+  void reserve(typename Backend::template GemmScratch<T>& s, Index max_batch) const {
+    const Index in = in_features(), out = out_features();
     s.reserve_gemm(max_batch, out, in);                                  // forward
     s.reserve_gemm(max_batch, in, out);                                  // dx
     if (layout_ == WeightLayout::out_in) s.reserve_gemm(out, in, max_batch);  // dW
@@ -220,7 +220,7 @@ class Linear {
   void zero_grad() { weight_grad_.zero(); bias_grad_.zero(); }
 
  private:
-  static std::pair<index, index> stored_shape(index in, index out, WeightLayout l) {
+  static std::pair<Index, Index> stored_shape(Index in, Index out, WeightLayout l) {
     return l == WeightLayout::out_in ? std::pair{out, in} : std::pair{in, out};
   }
   WeightLayout layout_ = WeightLayout::out_in;
