@@ -192,7 +192,7 @@ class Adapted {
         auto tv = tmp.view(w.rows, w.cols);
         backend_type::copy(ConstMatrixView<T>(w), tv);
         Scratch s;
-        for_kind(e.kind, [&](auto& bank) { bank.write_delta(e.slot, s, tv, T(1), T(1)); });
+        for_kind(e.kind, [&](auto& bank) { bank.merge_preview(e.slot, s, tv); });
         for (std::size_t i = 0; i < tmp.size(); ++i)
           if (!std::isfinite(double(tmp[i])))
             throw StateError(detail::cat("NaNs detected in the merged weights. The adapter ", n, " seems to be broken"));
@@ -235,7 +235,10 @@ class Adapted {
     const auto& e = *find(name);
     require_shape(out, base_.weight().rows, base_.weight().cols, detail::cat("delta_weight('", name, "')"));
     Scratch s;
-    for_kind(e.kind, [&](auto& bank) { bank.write_delta(e.slot, s, out, T(1), T(0)); });
+    for_kind(e.kind, [&](auto& bank) {
+      if constexpr (requires { bank.write_delta(e.slot, s, out, T(1), T(0)); }) bank.write_delta(e.slot, s, out, T(1), T(0));
+      else throw AdapterError(detail::cat("delta_weight: adapter '", name, "' scales the layer; it has no additive delta weight"));
+    });
   }
 
   // ---- training ----------------------------------------------------------------------------------------
@@ -268,15 +271,25 @@ class Adapted {
   void forward(Context& ctx, ConstMatrixView<T> x, MatrixView<T> y) {
     check_context(ctx, "forward");
     base_.check_io(ctx.base, x, y, "Adapted.forward");
-    base_.forward_into(ctx.base.scratch, x, y);
-    ctx.base.x = x;
-    ctx.base.has_forward = true;
     ctx.seed = detail::random_bits(seed_, 0x5EEDull, forwards_++);  // distinct for every (seed, forward count)
-    detail::for_each_index(
-        [&](auto k) {
-          std::get<k>(banks_).forward(std::get<k>(ctx.banks), ctx.base.scratch, active_slots_[k], x, y, training_, ctx.seed, 0);
-        },
-        std::index_sequence_for<Kinds...>{});
+    // 1. input-scaling adapters ((IA)³ on feed-forward layers): the base and additive adapters see x ⊙ l
+    ConstMatrixView<T> xin = x;
+    each_kind([&](auto& bank, auto& bctx, const auto& active) {
+      if constexpr (requires { bank.pre_forward(bctx, active, xin); }) xin = bank.pre_forward(bctx, active, xin);
+    }, ctx);
+    // 2. the base assigns y
+    base_.forward_into(ctx.base.scratch, xin, y);
+    ctx.base.x = xin;
+    ctx.base.has_forward = true;
+    // 3. additive adapters (LoRA, ...) add their deltas
+    each_kind([&](auto& bank, auto& bctx, const auto& active) {
+      if constexpr (requires { bank.forward(bctx, ctx.base.scratch, active, xin, y, training_, ctx.seed, 0); })
+        bank.forward(bctx, ctx.base.scratch, active, xin, y, training_, ctx.seed, 0);
+    }, ctx);
+    // 4. output-scaling adapters ((IA)³) scale the sum
+    each_kind([&](auto& bank, auto& bctx, const auto&) {
+      if constexpr (requires { bank.post_forward(bctx, y); }) bank.post_forward(bctx, y);
+    }, ctx);
   }
 
   /// Backward of the forward recorded in ctx. dx ([batch, in], or empty) is written per `input` by the
@@ -289,11 +302,31 @@ class Adapted {
       throw StateError(detail::cat("Adapted.backward: adapter '", merged_.front(), "' is merged into the base weight; unmerge before training"));
     require_shape(dy, ctx.base.x.rows, out_features(), "Adapted.backward: dy");
     if (!dx.empty()) require_shape(dx, ctx.base.x.rows, in_features(), "Adapted.backward: dx");
-    base_.backward_input(ctx.base.scratch, dy, dx, input == GradMode::accumulate ? T(1) : T(0));
-    if (base_.requires_grad()) base_.backward_params(ctx.base.scratch, ctx.base.x, dy, params == GradMode::accumulate ? T(1) : T(0));
-    detail::for_each_index(
-        [&](auto k) { std::get<k>(banks_).backward(std::get<k>(ctx.banks), ctx.base.scratch, ctx.base.x, dy, dx, params, ctx.seed); },
-        std::index_sequence_for<Kinds...>{});
+    // reverse order of forward: output scaling, then base and additive adapters, then input scaling
+    ConstMatrixView<T> dyin = dy;
+    each_kind([&](auto& bank, auto& bctx, const auto&) {
+      if constexpr (requires { bank.post_backward(bctx, dyin, params); }) dyin = bank.post_backward(bctx, dyin, params);
+    }, ctx);
+    MatrixView<T> dxin = dx;  // with input scaling, the layers below write the gradient w.r.t. x ⊙ l to a scratch
+    bool scaled_input = false;
+    each_kind([&](auto& bank, auto& bctx, const auto&) {
+      if constexpr (requires { bank.input_grad_scratch(bctx, dy.rows); }) {
+        if (auto s = bank.input_grad_scratch(bctx, dy.rows); !s.empty()) {
+          dxin = s;
+          scaled_input = true;
+        }
+      }
+    }, ctx);
+    const bool base_accumulates = !scaled_input && input == GradMode::accumulate;
+    base_.backward_input(ctx.base.scratch, dyin, dxin, base_accumulates ? T(1) : T(0));
+    if (base_.requires_grad()) base_.backward_params(ctx.base.scratch, ctx.base.x, dyin, params == GradMode::accumulate ? T(1) : T(0));
+    each_kind([&](auto& bank, auto& bctx, const auto&) {
+      if constexpr (requires { bank.backward(bctx, ctx.base.scratch, ctx.base.x, dyin, dxin, params, ctx.seed); })
+        bank.backward(bctx, ctx.base.scratch, ctx.base.x, dyin, dxin, params, ctx.seed);
+    }, ctx);
+    each_kind([&](auto& bank, auto& bctx, const auto&) {
+      if constexpr (requires { bank.pre_backward(bctx, dx, input, params); }) bank.pre_backward(bctx, dx, input, params);
+    }, ctx);
   }
 
   /// Visits base parameters ("weight", "bias") and adapter parameters ("lora_A.<name>.weight", ...).
@@ -342,6 +375,12 @@ class Adapted {
   template <class F>
   void for_kind(std::size_t kind, F&& f) const {
     detail::for_each_index([&](auto k) { if (k == kind) f(std::get<k>(banks_)); }, std::index_sequence_for<Kinds...>{});
+  }
+
+  /// f(bank, bank context, active slots) for every kind, in declaration order.
+  template <class F>
+  void each_kind(F&& f, Context& ctx) {
+    detail::for_each_index([&](auto k) { f(std::get<k>(banks_), std::get<k>(ctx.banks), active_slots_[k]); }, std::index_sequence_for<Kinds...>{});
   }
 
   /// Recomputes the slots each kind runs in forward: active, enabled and not merged.

@@ -11,5 +11,6 @@
 #include "peft/backend/eigen_cpu.hpp"
 #include "peft/layer/linear.hpp"
 #include "peft/adapter/lora.hpp"
+#include "peft/adapter/ia3.hpp"
 #include "peft/adapted.hpp"
 #include "peft/model.hpp"

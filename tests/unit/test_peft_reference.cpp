@@ -55,7 +55,7 @@ RefMlp<T> build(const json& j) {
     as_mat(base.weight()) = w;
     as_mat(base.bias()) = b;
     Layer<T> l(std::move(base), name);
-    for (const std::string adapter : j.at("adapters").get<std::vector<std::string>>()) {
+    for (const std::string& adapter : j.at("adapters").get<std::vector<std::string>>()) {
       const auto& c = j.at("config").at(adapter);
       LoraConfig cfg;
       cfg.r = c.at("r");
@@ -128,7 +128,7 @@ void check_case(const std::string& file) {
   CHECK(scaled_diff(p.dx, tensor<T>(j, "grad.x")) < tol<T>());
   for (auto* layer : {&m.lin0, &m.lin1}) {
     const std::string name = layer->module_path();
-    for (const std::string adapter : j.at("adapters").get<std::vector<std::string>>()) {
+    for (const std::string& adapter : j.at("adapters").get<std::vector<std::string>>()) {
       INFO(name << " / " << adapter);
       auto& a = lora_adapter(*layer, adapter);
       CHECK(scaled_diff(as_mat(a.grad_A()), tensor<T>(j, "grad." + name + ".lora_A." + adapter)) < tol<T>());

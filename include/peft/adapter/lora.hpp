@@ -253,6 +253,9 @@ class LoraBank<Linear<T, Backend>> {
     if (a.config.lora_bias) Backend::axpby(sign * a.scaling, ConstMatrixView<T>(a.bias.view(1, a.out)), T(1), base.bias());
   }
 
+  /// w ← w + ΔW: the merged weight, computed in a copy (safe merging).
+  void merge_preview(int slot, Scratch& scratch, MatrixView<T> w) const { write_delta(slot, scratch, w, T(1), T(1)); }
+
   /// out = sign · ΔW + beta · out, ΔW = s · B A in the base layout ([out, in], or [in, out] for fan_in_fan_out).
   void write_delta(int slot, Scratch& scratch, MatrixView<T> out, T sign, T beta) const {
     const auto& a = adapters_[std::size_t(slot)];

@@ -163,6 +163,32 @@ struct EigenCpu {
     auto ym = detail::emap(y);
     for (Index i = 0; i < y.rows; ++i) ym.row(i) += alpha * vm;  // `rowwise() += alpha * v` would evaluate a temporary
   }
+  /// y[i, j] *= v[j] for every row i; v has y.cols elements.
+  template <class T>
+  static void scale_cols(MatrixView<T> y, const std::type_identity_t<T>* v) {
+    if (y.empty()) return;
+    Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>> vm(v, y.cols);
+    auto ym = detail::emap(y);
+    for (Index i = 0; i < y.rows; ++i) ym.row(i).array() *= vm;
+  }
+  /// y = beta * y + x ⊙ v (v broadcast over rows; beta == 0 does not read y).
+  template <class T>
+  static void add_scaled_cols(std::type_identity_t<ConstMatrixView<T>> x, const std::type_identity_t<T>* v, std::type_identity_t<T> beta,
+                              MatrixView<T> y) {
+    if (y.empty()) return;
+    Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>> vm(v, y.cols);
+    auto ym = detail::emap(y);
+    auto xm = detail::emap(x);
+    for (Index i = 0; i < y.rows; ++i) {
+      if (beta == T(0)) ym.row(i).array() = xm.row(i).array() * vm;
+      else ym.row(i).array() = beta * ym.row(i).array() + xm.row(i).array() * vm;
+    }
+  }
+  /// y ⊙= a (element-wise).
+  template <class T>
+  static void mul(std::type_identity_t<ConstMatrixView<T>> a, MatrixView<T> y) {
+    if (!y.empty()) detail::emap(y).array() *= detail::emap(a).array();
+  }
   /// out = beta * out + alpha * Σ_i x[i, :]; out has x.cols elements (beta == 0 does not read out).
   template <class T>
   static void sum_rows(std::type_identity_t<ConstMatrixView<T>> x, T* out, std::type_identity_t<T> alpha, std::type_identity_t<T> beta) {

@@ -1,0 +1,248 @@
+// peft++ — (IA)³ (Liu et al. 2022), as Hugging Face PEFT implements it: a learned vector that scales the
+// layer's output, or — for layers listed in `feedforward_modules` — its input.
+//
+//   non-feed-forward:  y = (x Wᵀ + b) ⊙ l          l: [out]   (PEFT stores it as (out, 1))
+//   feed-forward:      y = (x ⊙ l) Wᵀ + b          l: [in]    (PEFT stores it as (1, in))
+//   several active adapters multiply their vectors; merge scales the rows (or columns) of W and, for
+//   non-feed-forward layers, the bias; unmerge divides by (l + 1e-8), which is inexact near zero (as in PEFT).
+#pragma once
+
+#include <optional>
+#include <regex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "peft/grad_mode.hpp"
+#include "peft/layer/linear.hpp"
+#include "peft/param.hpp"
+#include "peft/rng.hpp"
+
+namespace peft {
+
+/// (IA)³'s configuration with PEFT's names (`IA3Config`).
+struct Ia3Config {
+  /// PEFT's `feedforward_modules`, list form: a module is feed-forward when its path ends with an entry
+  /// (plain suffix match, no dot required — PEFT's rule).
+  std::vector<std::string> feedforward_modules;
+  /// PEFT's `feedforward_modules`, string form: a regex that must match the whole module path.
+  std::optional<std::string> feedforward_regex;
+  bool fan_in_fan_out = false;
+  /// true (default): ones, so the adapter starts as the identity; false: N(0, 1), as PEFT.
+  bool init_ia3_weights = true;
+  /// Resolved by `for_module`: whether this layer's input (true) or output (false) is scaled.
+  bool is_feedforward = false;
+
+  Ia3Config for_module(std::string_view path) const {
+    Ia3Config c = *this;
+    const std::string p(path);
+    if (feedforward_regex) {
+      c.is_feedforward = std::regex_match(p, std::regex(*feedforward_regex));
+    } else if (!feedforward_modules.empty()) {
+      c.is_feedforward = false;
+      for (const auto& m : feedforward_modules)
+        if (p.size() >= m.size() && p.compare(p.size() - m.size(), m.size(), m) == 0) c.is_feedforward = true;
+    }
+    return c;
+  }
+  void validate() const {}
+};
+
+template <class T, class Backend>
+struct Ia3Adapter {
+  template <class U>
+  using buffer = typename Backend::template buffer<U>;
+  Ia3Config config;
+  bool feedforward = false;
+  Index size = 0;  ///< in (feed-forward) or out
+  buffer<T> l, grad_l;
+  bool requires_grad = false;
+  MatrixView<T> vector() { return l.view(1, size); }
+  MatrixView<T> grad() { return grad_l.view(1, size); }
+};
+
+template <class Base>
+class Ia3Bank;
+
+/// The (IA)³ adapter kind: `peft::Adapted<peft::Linear<float>, peft::Ia3>` (or beside LoRA).
+struct Ia3 {
+  using config_type = Ia3Config;
+  static constexpr const char* name = "ia3";
+  template <class Base>
+  using bank = Ia3Bank<Base>;
+};
+
+/// (IA)³ adapters of one Linear layer. A *scaling* bank: `Adapted` calls `pre_forward` (input scaling)
+/// before the base, `post_forward` (output scaling) after the base and every additive adapter, and the
+/// matching backward hooks in reverse order.
+template <class T, class Backend>
+class Ia3Bank<Linear<T, Backend>> {
+ public:
+  using base_type = Linear<T, Backend>;
+  using adapter_type = Ia3Adapter<T, Backend>;
+  using Scratch = typename Backend::template GemmScratch<T>;
+  template <class U>
+  using buffer = typename Backend::template buffer<U>;
+
+  struct Context {
+    std::vector<int> ran;
+    bool feedforward = false;  ///< which side the adapters that ran scale
+    buffer<T> combined;        ///< Π l over the slots that ran
+    buffer<T> others;          ///< Π l over the other slots (for one slot's gradient)
+    buffer<T> x_scaled;        ///< x ⊙ c (feed-forward): the input the base and additive adapters see
+    buffer<T> dx_scaled;       ///< gradient w.r.t. x ⊙ c (feed-forward)
+    buffer<T> y_pre;           ///< output before scaling (non-feed-forward)
+    buffer<T> dy_scaled;       ///< dy ⊙ c (non-feed-forward)
+    buffer<T> reduce;          ///< Σ_rows of a product, [1, size]
+    ConstMatrixView<T> x;      ///< the unscaled input (feed-forward)
+  };
+
+  std::size_t size() const noexcept { return adapters_.size(); }
+  adapter_type& at(int slot) { return adapters_[std::size_t(slot)]; }
+  const adapter_type& at(int slot) const { return adapters_[std::size_t(slot)]; }
+
+  int add(const base_type& base, const Ia3Config& cfg, Generator& gen, std::string_view name) {
+    cfg.validate();
+    if (cfg.fan_in_fan_out != (base.layout() == WeightLayout::in_out))
+      throw ConfigError(detail::cat("IA3 adapter '", name, "': fan_in_fan_out does not match the base weight layout"));
+    if (!adapters_.empty() && adapters_.front().feedforward != cfg.is_feedforward)
+      throw ConfigError(detail::cat("IA3 adapter '", name, "': the layer's IA3 adapters are ", adapters_.front().feedforward ? "" : "not ",
+                                    "feed-forward; PEFT fixes is_feedforward per layer"));
+    adapter_type a;
+    a.config = cfg;
+    a.feedforward = cfg.is_feedforward;
+    a.size = cfg.is_feedforward ? base.in_features() : base.out_features();
+    a.l.resize(std::size_t(a.size));
+    a.grad_l.resize(std::size_t(a.size));
+    if (cfg.init_ia3_weights) {
+      for (std::size_t i = 0; i < a.l.size(); ++i) a.l[i] = T(1);
+    } else {
+      gen.normal(a.l.data(), a.l.size(), 0.0, 1.0);
+    }
+    adapters_.push_back(std::move(a));
+    return int(adapters_.size() - 1);
+  }
+  void remove(int slot) { adapters_.erase(adapters_.begin() + slot); }
+
+  void make_context(Context& ctx, Scratch&, Index max_batch) const {
+    ctx.ran.reserve(adapters_.size());
+    if (adapters_.empty()) return;
+    const bool ff = adapters_.front().feedforward;
+    const Index n = adapters_.front().size;
+    ctx.combined.resize(std::size_t(n));
+    ctx.others.resize(std::size_t(n));
+    ctx.reduce.resize(std::size_t(n));
+    if (ff) {
+      ctx.x_scaled.resize(std::size_t(max_batch * n));
+      ctx.dx_scaled.resize(std::size_t(max_batch * n));
+    } else {
+      ctx.y_pre.resize(std::size_t(max_batch * n));
+      ctx.dy_scaled.resize(std::size_t(max_batch * n));
+    }
+  }
+
+  /// Feed-forward adapters: returns x ⊙ Π l (in the context); otherwise x unchanged.
+  ConstMatrixView<T> pre_forward(Context& ctx, const std::vector<int>& active, ConstMatrixView<T> x) const {
+    ctx.ran.assign(active.begin(), active.end());
+    ctx.feedforward = !active.empty() && adapters_.front().feedforward;
+    if (active.empty() || !ctx.feedforward) return x;
+    combine(ctx, -1);
+    ctx.x = x;
+    auto xs = ctx.x_scaled.view(x.rows, x.cols);
+    Backend::copy(x, xs);
+    Backend::scale_cols(xs, ctx.combined.data());
+    return xs;
+  }
+  /// Output adapters: y ← y ⊙ Π l, remembering y before scaling.
+  void post_forward(Context& ctx, MatrixView<T> y) const {
+    if (ctx.ran.empty() || ctx.feedforward) return;
+    combine(ctx, -1);
+    Backend::copy(ConstMatrixView<T>(y), ctx.y_pre.view(y.rows, y.cols));
+    Backend::scale_cols(y, ctx.combined.data());
+  }
+  /// Output adapters: dl_k = Σ_rows(dy ⊙ y_pre) ⊙ Π_{j≠k} l_j; returns dy ⊙ Π l for the layers below.
+  ConstMatrixView<T> post_backward(Context& ctx, ConstMatrixView<T> dy, GradMode mode) {
+    if (ctx.ran.empty() || ctx.feedforward) return dy;
+    auto d = ctx.dy_scaled.view(dy.rows, dy.cols);
+    Backend::copy(dy, d);
+    Backend::mul(ConstMatrixView<T>(ctx.y_pre.view(dy.rows, dy.cols)), d);  // d = dy ⊙ y_pre
+    Backend::sum_rows(ConstMatrixView<T>(d), ctx.reduce.data(), T(1), T(0));
+    param_grads(ctx, mode);
+    Backend::copy(dy, d);
+    Backend::scale_cols(d, ctx.combined.data());
+    return d;
+  }
+  /// Feed-forward adapters: the layers below write the gradient w.r.t. x ⊙ c here (empty: write dx directly).
+  MatrixView<T> input_grad_scratch(Context& ctx, Index rows) {
+    if (ctx.ran.empty() || !ctx.feedforward) return {};
+    return ctx.dx_scaled.view(rows, ctx.x.cols);
+  }
+  /// Feed-forward adapters: dl_k = Σ_rows(g ⊙ x) ⊙ Π_{j≠k} l_j and dx (=|+=) g ⊙ Π l, g the scratch gradient.
+  void pre_backward(Context& ctx, MatrixView<T> dx, GradMode input, GradMode params) {
+    if (ctx.ran.empty() || !ctx.feedforward) return;
+    auto g = ctx.dx_scaled.view(ctx.x.rows, ctx.x.cols);
+    if (!dx.empty()) Backend::add_scaled_cols(ConstMatrixView<T>(g), ctx.combined.data(), input == GradMode::accumulate ? T(1) : T(0), dx);
+    Backend::mul(ctx.x, g);  // g ⊙ x
+    Backend::sum_rows(ConstMatrixView<T>(g), ctx.reduce.data(), T(1), T(0));
+    param_grads(ctx, params);
+  }
+
+  /// Merge: W rows (or columns) ⊙ l and, for output scaling, bias ⊙ l; unmerge (sign < 0) divides by l + 1e-8.
+  void apply_delta(int slot, base_type& base, T sign) const { scale_weight(slot, base.weight(), base.bias(), sign > 0); }
+  /// w ← w as merged (a preview used by safe merging).
+  void merge_preview(int slot, Scratch&, MatrixView<T> w) const { scale_weight(slot, w, MatrixView<T>{}, true); }
+
+  template <class F>
+  void visit_parameters(int slot, std::string_view name, F&& f) {
+    auto& a = adapters_[std::size_t(slot)];
+    f(ParamRef<T>{"ia3_l." + std::string(name), a.l.data(), a.grad_l.data(), a.l.size(), a.requires_grad});
+  }
+  void set_requires_grad(int slot, bool on) { adapters_[std::size_t(slot)].requires_grad = on; }
+  void zero_grad(int slot) { adapters_[std::size_t(slot)].grad_l.zero(); }
+
+ private:
+  /// ctx.combined = Π l over ctx.ran, skipping `skip`; into ctx.others when skip >= 0.
+  void combine(Context& ctx, int skip) const {
+    auto& out = skip < 0 ? ctx.combined : ctx.others;
+    const std::size_t n = out.size();
+    for (std::size_t i = 0; i < n; ++i) out[i] = T(1);
+    for (int s : ctx.ran) {
+      if (s == skip) continue;
+      const auto& l = adapters_[std::size_t(s)].l;
+      for (std::size_t i = 0; i < n; ++i) out[i] *= l[i];
+    }
+  }
+  void param_grads(Context& ctx, GradMode mode) {
+    const bool acc = mode == GradMode::accumulate;
+    for (int s : ctx.ran) {
+      auto& a = adapters_[std::size_t(s)];
+      if (!a.requires_grad) continue;
+      combine(ctx, s);
+      for (std::size_t i = 0; i < a.grad_l.size(); ++i) {
+        const T g = ctx.reduce[i] * ctx.others[i];
+        a.grad_l[i] = acc ? a.grad_l[i] + g : g;
+      }
+    }
+  }
+  void scale_weight(int slot, MatrixView<T> w, MatrixView<T> bias, bool merge) const {
+    const auto& a = adapters_[std::size_t(slot)];
+    // which axis of the stored weight the vector runs along
+    const bool along_cols = a.feedforward != a.config.fan_in_fan_out;
+    for (Index i = 0; i < w.rows; ++i)
+      for (Index j = 0; j < w.cols; ++j) {
+        const T l = a.l[std::size_t(along_cols ? j : i)];
+        w(i, j) = merge ? w(i, j) * l : w(i, j) / (l + T(1e-8));
+      }
+    if (!a.feedforward && !bias.empty())
+      for (Index j = 0; j < bias.size(); ++j) bias.data[j] = merge ? bias.data[j] * a.l[std::size_t(j)] : bias.data[j] / (a.l[std::size_t(j)] + T(1e-8));
+  }
+
+  std::vector<adapter_type> adapters_;
+};
+
+template <class Layer>
+auto& ia3_adapter(Layer& layer, const std::string& name) {
+  return layer.template adapter<Ia3>(name);
+}
+
+}  // namespace peft
