@@ -59,6 +59,7 @@ class Adapted {
   using scalar = typename Base::scalar;
   using backend_type = typename Base::backend_type;
   using T = scalar;
+  using input_type = typename Base::input_type;  ///< ConstMatrixView<T> (Linear) or token ids (Embedding)
   using Scratch = typename backend_type::template GemmScratch<T>;
   using Banks = std::tuple<typename Kinds::template bank<Base>...>;
   static constexpr std::size_t num_kinds = sizeof...(Kinds);
@@ -268,12 +269,12 @@ class Adapted {
   }
 
   /// y = base(x) + Σ active adapters. requires: x [batch, in], y [batch, out], batch <= max_batch of ctx.
-  void forward(Context& ctx, ConstMatrixView<T> x, MatrixView<T> y) {
+  void forward(Context& ctx, input_type x, MatrixView<T> y) {
     check_context(ctx, "forward");
     base_.check_io(ctx.base, x, y, "Adapted.forward");
     ctx.seed = detail::random_bits(seed_, 0x5EEDull, forwards_++);  // distinct for every (seed, forward count)
     // 1. input-scaling adapters ((IA)³ on feed-forward layers): the base and additive adapters see x ⊙ l
-    ConstMatrixView<T> xin = x;
+    input_type xin = x;
     each_kind([&](auto& bank, auto& bctx, const auto& active) {
       if constexpr (requires { bank.pre_forward(bctx, active, xin); }) xin = bank.pre_forward(bctx, active, xin);
     }, ctx);
@@ -297,11 +298,9 @@ class Adapted {
   void backward(Context& ctx, ConstMatrixView<T> dy, MatrixView<T> dx, GradMode params = GradMode::accumulate,
                 GradMode input = GradMode::overwrite) {
     check_context(ctx, "backward");
-    if (!ctx.base.has_forward) throw StateError("Adapted.backward: the context holds no forward pass");
+    base_.check_backward(ctx.base, dy, dx, "Adapted.backward");
     if (!merged_.empty())
       throw StateError(detail::cat("Adapted.backward: adapter '", merged_.front(), "' is merged into the base weight; unmerge before training"));
-    require_shape(dy, ctx.base.x.rows, out_features(), "Adapted.backward: dy");
-    if (!dx.empty()) require_shape(dx, ctx.base.x.rows, in_features(), "Adapted.backward: dx");
     // reverse order of forward: output scaling, then base and additive adapters, then input scaling
     ConstMatrixView<T> dyin = dy;
     each_kind([&](auto& bank, auto& bctx, const auto&) {

@@ -189,6 +189,39 @@ struct EigenCpu {
   static void mul(std::type_identity_t<ConstMatrixView<T>> a, MatrixView<T> y) {
     if (!y.empty()) detail::emap(y).array() *= detail::emap(a).array();
   }
+  /// out[i, :] = alpha · table[ids[i], :] + beta · out[i, :] (embedding lookup; ids already range-checked).
+  template <class T>
+  static void gather_rows(std::type_identity_t<ConstMatrixView<T>> table, const std::int64_t* ids, std::type_identity_t<T> alpha,
+                          std::type_identity_t<T> beta, MatrixView<T> out) {
+    auto om = detail::emap(out);
+    auto tm = detail::emap(table);
+    for (Index i = 0; i < out.rows; ++i) {
+      if (beta == T(0)) om.row(i) = alpha * tm.row(Index(ids[i]));
+      else om.row(i) = beta * om.row(i) + alpha * tm.row(Index(ids[i]));
+    }
+  }
+  /// table[ids[i], :] += alpha · src[i, :] for every i (rows equal to `skip` are left alone; -1: none).
+  template <class T>
+  static void scatter_add_rows(std::type_identity_t<ConstMatrixView<T>> src, const std::int64_t* ids, std::type_identity_t<T> alpha,
+                               MatrixView<T> table, std::int64_t skip = -1) {
+    auto tm = detail::emap(table);
+    auto sm = detail::emap(src);
+    for (Index i = 0; i < src.rows; ++i)
+      if (ids[i] != skip) tm.row(Index(ids[i])) += alpha * sm.row(i);
+  }
+  /// out[i, k] = a[k, ids[i]]: a lookup in the transposed table (LoRA's A on embeddings, [r, num_embeddings]).
+  template <class T>
+  static void gather_cols(std::type_identity_t<ConstMatrixView<T>> a, const std::int64_t* ids, MatrixView<T> out) {
+    for (Index i = 0; i < out.rows; ++i)
+      for (Index k = 0; k < out.cols; ++k) out(i, k) = a(k, Index(ids[i]));
+  }
+  /// a[k, ids[i]] += alpha · src[i, k] (the scatter that matches gather_cols).
+  template <class T>
+  static void scatter_add_cols(std::type_identity_t<ConstMatrixView<T>> src, const std::int64_t* ids, std::type_identity_t<T> alpha,
+                               MatrixView<T> a) {
+    for (Index i = 0; i < src.rows; ++i)
+      for (Index k = 0; k < src.cols; ++k) a(k, Index(ids[i])) += alpha * src(i, k);
+  }
   /// out = beta * out + alpha * Σ_i x[i, :]; out has x.cols elements (beta == 0 does not read out).
   template <class T>
   static void sum_rows(std::type_identity_t<ConstMatrixView<T>> x, T* out, std::type_identity_t<T> alpha, std::type_identity_t<T> beta) {

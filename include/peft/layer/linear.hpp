@@ -74,6 +74,7 @@ class Linear {
  public:
   using scalar = T;
   using backend_type = Backend;
+  using input_type = ConstMatrixView<T>;  ///< what forward takes: activations [batch, in]
   template <class U>
   using rebind_backend = Linear<T, U>;
 
@@ -176,9 +177,7 @@ class Linear {
   /// written per `params`. The frozen weight never gets a gradient.
   void backward(Context& ctx, ConstMatrixView<T> dy, MatrixView<T> dx, GradMode params = GradMode::accumulate,
                 GradMode input = GradMode::overwrite) {
-    if (!ctx.has_forward) throw StateError("Linear.backward: the context holds no forward pass");
-    require_shape(dy, ctx.x.rows, out_features(), "Linear.backward: dy");
-    if (!dx.empty()) require_shape(dx, ctx.x.rows, in_features(), "Linear.backward: dx");
+    check_backward(ctx, dy, dx, "Linear.backward");
     backward_input(ctx.scratch, dy, dx, input == GradMode::accumulate ? T(1) : T(0));
     if (requires_grad_) backward_params(ctx.scratch, ctx.x, dy, params == GradMode::accumulate ? T(1) : T(0));
   }
@@ -199,6 +198,13 @@ class Linear {
     if (layout_ == WeightLayout::out_in) Backend::template gemm<Trans::yes, Trans::no>(s, T(1), dy, x, beta, weight_grad());
     else Backend::template gemm<Trans::yes, Trans::no>(s, T(1), x, dy, beta, weight_grad());
     if (has_bias()) Backend::sum_rows(dy, bias_grad_.data(), T(1), beta);
+  }
+  void check_backward(const Context& ctx, ConstMatrixView<T> dy, ConstMatrixView<T> dx, const char* where) const {
+    if (!ctx.has_forward) throw StateError(detail::cat(where, ": the context holds no forward pass"));
+    if (dy.rows != ctx.x.rows || dy.cols != out_features())
+      throw ShapeError(detail::cat(where, ": dy: expected shape [", ctx.x.rows, ", ", out_features(), "], got [", dy.rows, ", ", dy.cols, "]"));
+    if (!dx.empty() && (dx.rows != ctx.x.rows || dx.cols != in_features()))
+      throw ShapeError(detail::cat(where, ": dx: expected shape [", ctx.x.rows, ", ", in_features(), "], got [", dx.rows, ", ", dx.cols, "]"));
   }
   void check_io(const Context& ctx, ConstMatrixView<T> x, ConstMatrixView<T> y, const char* where) const {
     if (x.cols != in_features())
