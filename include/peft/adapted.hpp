@@ -262,8 +262,16 @@ class Adapted {
   Context make_context(Index max_batch) const {
     Context ctx;
     ctx.base = base_.make_context(max_batch);
-    detail::for_each_index([&](auto k) { std::get<k>(banks_).make_context(std::get<k>(ctx.banks), ctx.base.scratch, max_batch); },
-                           std::index_sequence_for<Kinds...>{});
+    detail::for_each_index(
+        [&](auto k) {
+          auto& bank = std::get<k>(banks_);
+          auto& bctx = std::get<k>(ctx.banks);
+          if constexpr (requires { bank.make_context(bctx, ctx.base.scratch, max_batch, base_); })
+            bank.make_context(bctx, ctx.base.scratch, max_batch, base_);  // banks that need the base's geometry
+          else
+            bank.make_context(bctx, ctx.base.scratch, max_batch);
+        },
+        std::index_sequence_for<Kinds...>{});
     ctx.generation = generation_;
     return ctx;
   }
@@ -279,7 +287,7 @@ class Adapted {
       if constexpr (requires { bank.pre_forward(bctx, active, xin); }) xin = bank.pre_forward(bctx, active, xin);
     }, ctx);
     // 2. the base assigns y
-    base_.forward_into(ctx.base.scratch, xin, y);
+    base_.forward_into(ctx.base, xin, y);
     ctx.base.x = xin;
     ctx.base.has_forward = true;
     // 3. additive adapters (LoRA, ...) add their deltas
@@ -317,8 +325,8 @@ class Adapted {
       }
     }, ctx);
     const bool base_accumulates = !scaled_input && input == GradMode::accumulate;
-    base_.backward_input(ctx.base.scratch, dyin, dxin, base_accumulates ? T(1) : T(0));
-    if (base_.requires_grad()) base_.backward_params(ctx.base.scratch, ctx.base.x, dyin, params == GradMode::accumulate ? T(1) : T(0));
+    base_.backward_input(ctx.base, dyin, dxin, base_accumulates ? T(1) : T(0));
+    if (base_.requires_grad()) base_.backward_params(ctx.base, ctx.base.x, dyin, params == GradMode::accumulate ? T(1) : T(0));
     each_kind([&](auto& bank, auto& bctx, const auto&) {
       if constexpr (requires { bank.backward(bctx, ctx.base.scratch, ctx.base.x, dyin, dxin, params, ctx.seed); })
         bank.backward(bctx, ctx.base.scratch, ctx.base.x, dyin, dxin, params, ctx.seed);

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "peft/buffer.hpp"
+#include "peft/conv_geometry.hpp"
 #include "peft/errors.hpp"
 #include "peft/rng.hpp"
 #include "peft/view.hpp"
@@ -222,6 +223,64 @@ struct EigenCpu {
     for (Index i = 0; i < src.rows; ++i)
       for (Index k = 0; k < src.cols; ++k) a(k, Index(ids[i])) += alpha * src(i, k);
   }
+  /// cols [C·kh·kw, Ho·Wo] = the patches of one image x [C·H·W] (zero outside the padded border).
+  template <class T>
+  static void im2col(const Conv2dGeometry& g, const std::type_identity_t<T>* x, MatrixView<T> cols) {
+    const Index ho = g.out_h(), wo = g.out_w();
+    for (Index c = 0; c < g.in_channels; ++c)
+      for (Index ki = 0; ki < g.kernel_h; ++ki)
+        for (Index kj = 0; kj < g.kernel_w; ++kj) {
+          T* row = cols.data + ((c * g.kernel_h + ki) * g.kernel_w + kj) * cols.stride;
+          for (Index oh = 0; oh < ho; ++oh) {
+            const Index ih = oh * g.stride_h - g.pad_h + ki * g.dilation_h;
+            T* out = row + oh * wo;
+            if (ih < 0 || ih >= g.in_h) {
+              for (Index ow = 0; ow < wo; ++ow) out[ow] = T(0);
+              continue;
+            }
+            const T* in = x + (c * g.in_h + ih) * g.in_w;
+            for (Index ow = 0; ow < wo; ++ow) {
+              const Index iw = ow * g.stride_w - g.pad_w + kj * g.dilation_w;
+              out[ow] = (iw >= 0 && iw < g.in_w) ? in[iw] : T(0);
+            }
+          }
+        }
+  }
+  /// dx [C·H·W] = beta · dx + the sum of the patch gradients dcols [C·kh·kw, Ho·Wo] (the adjoint of im2col).
+  template <class T>
+  static void col2im(const Conv2dGeometry& g, std::type_identity_t<ConstMatrixView<T>> dcols, std::type_identity_t<T> beta, T* dx) {
+    const Index n = g.in_size();
+    if (beta == T(0)) for (Index i = 0; i < n; ++i) dx[i] = T(0);
+    else if (beta != T(1)) for (Index i = 0; i < n; ++i) dx[i] *= beta;
+    const Index ho = g.out_h(), wo = g.out_w();
+    for (Index c = 0; c < g.in_channels; ++c)
+      for (Index ki = 0; ki < g.kernel_h; ++ki)
+        for (Index kj = 0; kj < g.kernel_w; ++kj) {
+          const T* row = dcols.data + ((c * g.kernel_h + ki) * g.kernel_w + kj) * dcols.stride;
+          for (Index oh = 0; oh < ho; ++oh) {
+            const Index ih = oh * g.stride_h - g.pad_h + ki * g.dilation_h;
+            if (ih < 0 || ih >= g.in_h) continue;
+            T* out = dx + (c * g.in_h + ih) * g.in_w;
+            const T* in = row + oh * wo;
+            for (Index ow = 0; ow < wo; ++ow) {
+              const Index iw = ow * g.stride_w - g.pad_w + kj * g.dilation_w;
+              if (iw >= 0 && iw < g.in_w) out[iw] += in[ow];
+            }
+          }
+        }
+  }
+  /// y[i, :] += alpha · v[i] for every row i (a per-channel bias on [channels, positions]).
+  template <class T>
+  static void add_col_vector(MatrixView<T> y, const std::type_identity_t<T>* v, std::type_identity_t<T> alpha) {
+    auto ym = detail::emap(y);
+    for (Index i = 0; i < y.rows; ++i) ym.row(i).array() += alpha * v[i];
+  }
+  /// out[i] = beta · out[i] + alpha · Σ_j x[i, j] (row sums; beta == 0 does not read out).
+  template <class T>
+  static void sum_cols(std::type_identity_t<ConstMatrixView<T>> x, T* out, std::type_identity_t<T> alpha, std::type_identity_t<T> beta) {
+    auto xm = detail::emap(x);
+    for (Index i = 0; i < x.rows; ++i) out[i] = (beta == T(0) ? T(0) : beta * out[i]) + alpha * xm.row(i).sum();
+  }
   /// out = beta * out + alpha * Σ_i x[i, :]; out has x.cols elements (beta == 0 does not read out).
   template <class T>
   static void sum_rows(std::type_identity_t<ConstMatrixView<T>> x, T* out, std::type_identity_t<T> alpha, std::type_identity_t<T> beta) {
@@ -243,6 +302,47 @@ struct EigenCpu {
         yr[j] = keep ? xr[j] * keep_scale : T(0);
       }
     }
+  }
+
+  // ---- row/column reductions and broadcasts (DoRA's weight norm, magnitude gradient and merge) --------
+
+  /// out[i] = ‖x[i, :]‖₂ for every row i (out has x.rows elements).
+  template <class T>
+  static void row_norms(std::type_identity_t<ConstMatrixView<T>> x, T* out) {
+    auto xm = detail::emap(x);
+    for (Index i = 0; i < x.rows; ++i) out[i] = xm.row(i).norm();
+  }
+  /// out[j] = ‖x[:, j]‖₂ for every column j (out has x.cols elements); rows are summed in order.
+  template <class T>
+  static void col_norms(std::type_identity_t<ConstMatrixView<T>> x, T* out) {
+    Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>> om(out, x.cols);
+    auto xm = detail::emap(x);
+    om.setZero();
+    for (Index i = 0; i < x.rows; ++i) om += xm.row(i).array().square();
+    om = om.sqrt();
+  }
+  /// out = beta * out + alpha * Σ_i a[i, :] ⊙ b[i, :] (column sums of an element-wise product; out has
+  /// a.cols elements; beta == 0 does not read out).
+  template <class T>
+  static void sum_rows_mul(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b, T* out,
+                           std::type_identity_t<T> alpha, std::type_identity_t<T> beta) {
+    Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>> om(out, a.cols);
+    if (beta == T(0)) om.setZero();
+    else om *= beta;
+    auto am = detail::emap(a);
+    auto bm = detail::emap(b);
+    for (Index i = 0; i < a.rows; ++i) om += alpha * (am.row(i).array() * bm.row(i).array());
+  }
+  /// y[i, :] *= v[i] for every row i; v has y.rows elements.
+  template <class T>
+  static void scale_rows(MatrixView<T> y, const std::type_identity_t<T>* v) {
+    auto ym = detail::emap(y);
+    for (Index i = 0; i < y.rows; ++i) ym.row(i) *= v[i];
+  }
+  /// y = a ⊘ b element-wise (same shapes; y may be a or b).
+  template <class T>
+  static void div(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b, MatrixView<T> y) {
+    if (!y.empty()) detail::emap(y).array() = detail::emap(a).array() / detail::emap(b).array();
   }
 };
 

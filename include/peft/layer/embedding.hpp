@@ -89,7 +89,7 @@ class Embedding {
   /// y [ids.size(), embedding_dim].
   void forward(Context& ctx, TokenIds ids, MatrixView<T> y) const {
     check_io(ctx, ids, y, "Embedding.forward");
-    forward_into(ctx.scratch, ids, y);
+    forward_into(ctx, ids, y);
     ctx.x = ids;
     ctx.has_forward = true;
   }
@@ -97,15 +97,15 @@ class Embedding {
   void backward(Context& ctx, ConstMatrixView<T> dy, MatrixView<T> dx = {}, GradMode params = GradMode::accumulate,
                 GradMode = GradMode::overwrite) {
     check_backward(ctx, dy, dx, "Embedding.backward");
-    if (requires_grad_) backward_params(ctx.scratch, ctx.x, dy, params == GradMode::accumulate ? T(1) : T(0));
+    if (requires_grad_) backward_params(ctx, ctx.x, dy, params == GradMode::accumulate ? T(1) : T(0));
   }
 
   // ---- pieces used by adapted layers -------------------------------------------------------------------
-  void forward_into(typename Backend::template GemmScratch<T>&, TokenIds ids, MatrixView<T> y) const {
+  void forward_into(Context&, TokenIds ids, MatrixView<T> y) const {
     Backend::gather_rows(weight_.view(), ids.data(), T(1), T(0), y);
   }
-  void backward_input(typename Backend::template GemmScratch<T>&, ConstMatrixView<T>, MatrixView<T>, T) const {}
-  void backward_params(typename Backend::template GemmScratch<T>&, TokenIds ids, ConstMatrixView<T> dy, T beta) {
+  void backward_input(Context&, ConstMatrixView<T>, MatrixView<T>, T) const {}
+  void backward_params(Context&, TokenIds ids, ConstMatrixView<T> dy, T beta) {
     auto g = weight_grad();
     Backend::scale(g, beta);
     Backend::scatter_add_rows(dy, ids.data(), T(1), g, padding_idx_.value_or(-1));

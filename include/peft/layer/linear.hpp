@@ -167,7 +167,7 @@ class Linear {
   /// overlap x. ensures: y assigned; ctx remembers x for backward.
   void forward(Context& ctx, ConstMatrixView<T> x, MatrixView<T> y) const {
     check_io(ctx, x, y, "Linear.forward");
-    forward_into(ctx.scratch, x, y);
+    forward_into(ctx, x, y);
     ctx.x = x;
     ctx.has_forward = true;
   }
@@ -178,23 +178,26 @@ class Linear {
   void backward(Context& ctx, ConstMatrixView<T> dy, MatrixView<T> dx, GradMode params = GradMode::accumulate,
                 GradMode input = GradMode::overwrite) {
     check_backward(ctx, dy, dx, "Linear.backward");
-    backward_input(ctx.scratch, dy, dx, input == GradMode::accumulate ? T(1) : T(0));
-    if (requires_grad_) backward_params(ctx.scratch, ctx.x, dy, params == GradMode::accumulate ? T(1) : T(0));
+    backward_input(ctx, dy, dx, input == GradMode::accumulate ? T(1) : T(0));
+    if (requires_grad_) backward_params(ctx, ctx.x, dy, params == GradMode::accumulate ? T(1) : T(0));
   }
 
   // ---- pieces used by adapted layers (no checks beyond the public entry points) -------------------
 
-  void forward_into(typename Backend::template GemmScratch<T>& s, ConstMatrixView<T> x, MatrixView<T> y) const {
+  void forward_into(Context& ctx, ConstMatrixView<T> x, MatrixView<T> y) const {
+    auto& s = ctx.scratch;
     if (layout_ == WeightLayout::out_in) Backend::template gemm<Trans::no, Trans::yes>(s, T(1), x, weight_.view(), T(0), y);
     else Backend::template gemm<Trans::no, Trans::no>(s, T(1), x, weight_.view(), T(0), y);
     if (has_bias()) Backend::add_row_vector(y, bias_.data(), T(1));
   }
-  void backward_input(typename Backend::template GemmScratch<T>& s, ConstMatrixView<T> dy, MatrixView<T> dx, T beta) const {
+  void backward_input(Context& ctx, ConstMatrixView<T> dy, MatrixView<T> dx, T beta) const {
+    auto& s = ctx.scratch;
     if (dx.empty()) return;
     if (layout_ == WeightLayout::out_in) Backend::template gemm<Trans::no, Trans::no>(s, T(1), dy, weight_.view(), beta, dx);
     else Backend::template gemm<Trans::no, Trans::yes>(s, T(1), dy, weight_.view(), beta, dx);
   }
-  void backward_params(typename Backend::template GemmScratch<T>& s, ConstMatrixView<T> x, ConstMatrixView<T> dy, T beta) {
+  void backward_params(Context& ctx, ConstMatrixView<T> x, ConstMatrixView<T> dy, T beta) {
+    auto& s = ctx.scratch;
     if (layout_ == WeightLayout::out_in) Backend::template gemm<Trans::yes, Trans::no>(s, T(1), dy, x, beta, weight_grad());
     else Backend::template gemm<Trans::yes, Trans::no>(s, T(1), x, dy, beta, weight_grad());
     if (has_bias()) Backend::sum_rows(dy, bias_grad_.data(), T(1), beta);
