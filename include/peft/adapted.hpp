@@ -296,8 +296,8 @@ class Adapted {
         bank.forward(bctx, ctx.base.scratch, active, xin, y, training_, ctx.seed, 0);
     }, ctx);
     // 4. output-scaling adapters ((IA)³) scale the sum
-    each_kind([&](auto& bank, auto& bctx, const auto&) {
-      if constexpr (requires { bank.post_forward(bctx, y); }) bank.post_forward(bctx, y);
+    each_kind([&](auto& bank, auto& bctx, const auto& active) {
+      if constexpr (requires { bank.post_forward(bctx, active, y); }) bank.post_forward(bctx, active, y);
     }, ctx);
   }
 

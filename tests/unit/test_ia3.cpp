@@ -153,3 +153,120 @@ TEST_CASE("ia3: bad input gets a clear exception", "[ia3][errors]") {
   REQUIRE_THROWS_WITH(l.add_adapter("fifo", fifo, g), Catch::Contains("fan_in_fan_out"));
   CHECK(l.adapter_names() == std::vector<std::string>{"default"});
 }
+
+#include "reference.hpp"
+
+namespace {
+Conv2dGeometry conv_geo() {
+  Conv2dGeometry g;
+  g.in_channels = 3;
+  g.out_channels = 4;
+  g.kernel_h = g.kernel_w = 3;
+  g.pad_h = g.pad_w = 1;
+  g.in_h = g.in_w = 6;
+  return g;
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("ia3 on conv2d: backward matches finite differences, merge matches", "[ia3][conv2d][grad]", float, double) {
+  using T = TestType;
+  for (bool ff : {false, true}) {
+    CAPTURE(ff);
+    auto build = [&](auto tag) {
+      using U = decltype(tag);
+      Generator g(4);
+      Adapted<Conv2d<U>, Lora, Ia3> l(Conv2d<U>(conv_geo(), true, g));
+      l.add_adapter("ia3", ia3(ff), g);
+      l.add_adapter("second", ia3(ff), g);
+      LoraConfig lc;
+      lc.r = 2;
+      lc.init_lora_weights = LoraInit::off;
+      l.add_adapter("lora", lc, g);
+      l.set_adapter(std::vector<std::string>{"ia3", "second", "lora"});
+      return l;
+    };
+    auto l = build(T{});
+    auto twin = build(double{});
+    check_layer_gradients(l, twin, 2);
+    // merging the (IA)³ vectors (and the LoRA) reproduces the output
+    const Mat<T> x = random_mat<T>(2, conv_geo().in_size(), 3);
+    Mat<T> y(2, conv_geo().out_size()), ym(2, conv_geo().out_size());
+    auto ctx = l.make_context(2);
+    l.forward(ctx, x, y);
+    l.set_adapter(std::vector<std::string>{"ia3", "second"});
+    l.forward(ctx, x, y);
+    l.merge();
+    l.forward(ctx, x, ym);
+    CHECK(max_abs_diff(ym, y) < 100 * value_tol<T>());
+  }
+}
+
+TEMPLATE_TEST_CASE("ia3 matches Hugging Face PEFT on linear and conv2d, output and feed-forward", "[ia3][reference]", float, double) {
+  using T = TestType;
+  const std::string sfx = std::is_same_v<T, float> ? "_f32.json" : "_f64.json";
+  for (std::string which : {"linear_default", "linear_ff", "conv2d_default", "conv2d_ff"}) {
+    INFO(which);
+    const auto j = load_reference("ia3_" + which + sfx);
+    const bool conv = which.rfind("conv2d", 0) == 0, ff = which.find("_ff") != std::string::npos;
+    const std::string L = conv ? "conv" : "lin";
+    auto run = [&](auto& l, Index in, Index out) {
+      as_mat(l.base().weight()) = ref_tensor<T>(j, L + ".weight");
+      as_mat(l.base().bias()) = ref_tensor<T>(j, L + ".bias");
+      Generator g(0);
+      l.add_adapter("default", ia3(ff), g);
+      auto& a = ia3_adapter(l, "default");
+      const Mat<T> lv = ref_tensor<T>(j, L + ".ia3_l", 1);
+      REQUIRE(Index(a.l.size()) == lv.size());
+      for (std::size_t i = 0; i < a.l.size(); ++i) a.l[i] = lv(0, Index(i));
+      const Mat<T> x = ref_tensor<T>(j, "x"), dy = ref_tensor<T>(j, "grad_out");
+      auto ctx = l.make_context(x.rows());
+      Mat<T> y(x.rows(), out), dx(x.rows(), in);
+      l.forward(ctx, x, y);
+      CHECK(scaled_diff(y, ref_tensor<T>(j, "out")) < reference_tol<T>());
+      l.backward(ctx, dy, dx, GradMode::overwrite);
+      CHECK(scaled_diff(dx, ref_tensor<T>(j, "grad.x")) < reference_tol<T>());
+      CHECK(scaled_diff(as_mat(a.grad()), ref_tensor<T>(j, "grad." + L + ".ia3_l", 1)) < reference_tol<T>());
+      l.merge();
+      CHECK(scaled_diff(as_mat(l.base().weight()), ref_tensor<T>(j, "merged." + L + ".weight")) < reference_tol<T>());
+      CHECK(scaled_diff(as_mat(l.base().bias()), ref_tensor<T>(j, "merged." + L + ".bias")) < reference_tol<T>());
+      l.forward(ctx, x, y);
+      CHECK(scaled_diff(y, ref_tensor<T>(j, "merged_out")) < reference_tol<T>());
+      l.unmerge();
+      CHECK(scaled_diff(as_mat(l.base().weight()), ref_tensor<T>(j, "unmerged." + L + ".weight")) < reference_tol<T>());
+    };
+    Generator g(0);
+    if (conv) {
+      Adapted<Conv2d<T>, Ia3> l(Conv2d<T>(conv_geo(), true, g), L);
+      run(l, conv_geo().in_size(), conv_geo().out_size());
+    } else {
+      Adapted<Linear<T>, Ia3> l(Linear<T>(10, 8, true, g), L);
+      run(l, 10, 8);
+    }
+  }
+}
+
+TEST_CASE("ia3 on embedding: output scaling works, input scaling is refused", "[ia3][embedding]") {
+  Generator g(1);
+  Adapted<Embedding<double>, Ia3> e(Embedding<double>(6, 4, g), "emb");
+  e.add_adapter("default", ia3(false), g);
+  auto& a = ia3_adapter(e, "default");
+  for (std::size_t i = 0; i < a.l.size(); ++i) a.l[i] = 0.5 + double(i);
+  const std::vector<std::int64_t> ids = {1, 5, 1};
+  auto ctx = e.make_context(3);
+  Mat<double> y(3, 4), ym(3, 4);
+  e.forward(ctx, ids, y);
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 4; ++j) CHECK(y(i, j) == Approx(e.base().weight()(ids[std::size_t(i)], j) * (0.5 + j)));
+  const Mat<double> dy = random_mat<double>(3, 4, 2);
+  e.backward(ctx, dy, {}, GradMode::overwrite);
+  for (int j = 0; j < 4; ++j) {
+    double expect = 0;
+    for (int i = 0; i < 3; ++i) expect += dy(i, j) * e.base().weight()(ids[std::size_t(i)], j);
+    CHECK(a.grad_l[std::size_t(j)] == Approx(expect));
+  }
+  e.merge();
+  e.forward(ctx, ids, ym);
+  CHECK(max_abs_diff(ym, y) < 1e-12);
+  Adapted<Embedding<double>, Ia3> f(Embedding<double>(6, 4, g), "emb");
+  REQUIRE_THROWS_WITH(f.add_adapter("ff", ia3(true), g), Catch::Contains("impossible on an embedding"));
+}

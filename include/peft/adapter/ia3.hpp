@@ -14,6 +14,8 @@
 #include <vector>
 
 #include "peft/grad_mode.hpp"
+#include "peft/layer/conv2d.hpp"
+#include "peft/layer/embedding.hpp"
 #include "peft/layer/linear.hpp"
 #include "peft/param.hpp"
 #include "peft/rng.hpp"
@@ -61,6 +63,30 @@ struct Ia3Adapter {
   MatrixView<T> grad() { return grad_l.view(1, size); }
 };
 
+namespace detail {
+/// How an (IA)³ vector maps onto a base layer: a vector over channels, each repeated over positions.
+struct Ia3Geometry {
+  Index out_channels = 0, out_positions = 1;  ///< output features = out_channels · out_positions
+  Index in_channels = 0, in_positions = 1;    ///< input features = in_channels · in_positions
+  Index in_kernel = 1;                        ///< weight columns per input channel (kh·kw for Conv2d)
+  bool weight_out_major = true;               ///< weight rows are output channels ([out, in]); false: [in, out]
+  bool input_scalable = true;                 ///< false for embeddings (the input is token ids)
+};
+template <class T, class B>
+Ia3Geometry ia3_geometry(const Linear<T, B>& l) {
+  return {l.out_features(), 1, l.in_features(), 1, 1, l.layout() == WeightLayout::out_in, true};
+}
+template <class T, class B>
+Ia3Geometry ia3_geometry(const Conv2d<T, B>& c) {
+  const auto& g = c.geometry();
+  return {g.out_channels, g.positions(), g.in_channels, g.in_h * g.in_w, g.kernel_h * g.kernel_w, true, true};
+}
+template <class T, class B>
+Ia3Geometry ia3_geometry(const Embedding<T, B>& e) {
+  return {e.embedding_dim(), 1, e.num_embeddings(), 1, 1, false, false};  // the table is [num_embeddings, dim]
+}
+}  // namespace detail
+
 template <class Base>
 class Ia3Bank;
 
@@ -72,13 +98,15 @@ struct Ia3 {
   using bank = Ia3Bank<Base>;
 };
 
-/// (IA)³ adapters of one Linear layer. A *scaling* bank: `Adapted` calls `pre_forward` (input scaling)
+/// (IA)³ adapters of one Linear, Conv2d or Embedding layer. A *scaling* bank: `Adapted` calls `pre_forward` (input scaling)
 /// before the base, `post_forward` (output scaling) after the base and every additive adapter, and the
 /// matching backward hooks in reverse order.
-template <class T, class Backend>
-class Ia3Bank<Linear<T, Backend>> {
+template <class Base>
+class Ia3Bank {
  public:
-  using base_type = Linear<T, Backend>;
+  using base_type = Base;
+  using T = typename Base::scalar;
+  using Backend = typename Base::backend_type;
   using adapter_type = Ia3Adapter<T, Backend>;
   using Scratch = typename Backend::template GemmScratch<T>;
   template <class U>
@@ -87,13 +115,16 @@ class Ia3Bank<Linear<T, Backend>> {
   struct Context {
     std::vector<int> ran;
     bool feedforward = false;  ///< which side the adapters that ran scale
+    detail::Ia3Geometry geo;   ///< the base's geometry when the context was made
+    buffer<T> expanded;        ///< combined, repeated over positions: one factor per feature
     buffer<T> combined;        ///< Π l over the slots that ran
     buffer<T> others;          ///< Π l over the other slots (for one slot's gradient)
     buffer<T> x_scaled;        ///< x ⊙ c (feed-forward): the input the base and additive adapters see
     buffer<T> dx_scaled;       ///< gradient w.r.t. x ⊙ c (feed-forward)
     buffer<T> y_pre;           ///< output before scaling (non-feed-forward)
     buffer<T> dy_scaled;       ///< dy ⊙ c (non-feed-forward)
-    buffer<T> reduce;          ///< Σ_rows of a product, [1, size]
+    buffer<T> reduce;          ///< Σ_rows of a product, one per feature
+    buffer<T> folded;          ///< reduce summed over positions, one per channel
     ConstMatrixView<T> x;      ///< the unscaled input (feed-forward)
   };
 
@@ -103,15 +134,22 @@ class Ia3Bank<Linear<T, Backend>> {
 
   int add(const base_type& base, const Ia3Config& cfg, Generator& gen, std::string_view name) {
     cfg.validate();
-    if (cfg.fan_in_fan_out != (base.layout() == WeightLayout::in_out))
-      throw ConfigError(detail::cat("IA3 adapter '", name, "': fan_in_fan_out does not match the base weight layout"));
+    if constexpr (std::is_same_v<Base, Linear<T, Backend>>) {
+      if (cfg.fan_in_fan_out != (base.layout() == WeightLayout::in_out))
+        throw ConfigError(detail::cat("IA3 adapter '", name, "': fan_in_fan_out does not match the base weight layout"));
+    }
+    const auto geo = detail::ia3_geometry(base);
+    if (cfg.is_feedforward && !geo.input_scalable)
+      throw ConfigError(detail::cat("IA3 adapter '", name, "': feed-forward (input) scaling is impossible on an embedding, whose input is token ids"));
     if (!adapters_.empty() && adapters_.front().feedforward != cfg.is_feedforward)
       throw ConfigError(detail::cat("IA3 adapter '", name, "': the layer's IA3 adapters are ", adapters_.front().feedforward ? "" : "not ",
                                     "feed-forward; PEFT fixes is_feedforward per layer"));
     adapter_type a;
     a.config = cfg;
     a.feedforward = cfg.is_feedforward;
-    a.size = cfg.is_feedforward ? base.in_features() : base.out_features();
+    a.size = cfg.is_feedforward ? geo.in_channels : geo.out_channels;
+    weight_out_major_ = geo.weight_out_major;
+    in_kernel_ = geo.in_kernel;
     a.l.resize(std::size_t(a.size));
     a.grad_l.resize(std::size_t(a.size));
     if (cfg.init_ia3_weights) {
@@ -124,20 +162,24 @@ class Ia3Bank<Linear<T, Backend>> {
   }
   void remove(int slot) { adapters_.erase(adapters_.begin() + slot); }
 
-  void make_context(Context& ctx, Scratch&, Index max_batch) const {
+  void make_context(Context& ctx, Scratch&, Index max_batch, const base_type& base) const {
     ctx.ran.reserve(adapters_.size());
+    ctx.geo = detail::ia3_geometry(base);
     if (adapters_.empty()) return;
     const bool ff = adapters_.front().feedforward;
-    const Index n = adapters_.front().size;
-    ctx.combined.resize(std::size_t(n));
-    ctx.others.resize(std::size_t(n));
-    ctx.reduce.resize(std::size_t(n));
+    const Index channels = ff ? ctx.geo.in_channels : ctx.geo.out_channels;
+    const Index features = channels * (ff ? ctx.geo.in_positions : ctx.geo.out_positions);
+    ctx.combined.resize(std::size_t(channels));
+    ctx.others.resize(std::size_t(channels));
+    ctx.folded.resize(std::size_t(channels));
+    ctx.expanded.resize(std::size_t(features));
+    ctx.reduce.resize(std::size_t(features));
     if (ff) {
-      ctx.x_scaled.resize(std::size_t(max_batch * n));
-      ctx.dx_scaled.resize(std::size_t(max_batch * n));
+      ctx.x_scaled.resize(std::size_t(max_batch * features));
+      ctx.dx_scaled.resize(std::size_t(max_batch * features));
     } else {
-      ctx.y_pre.resize(std::size_t(max_batch * n));
-      ctx.dy_scaled.resize(std::size_t(max_batch * n));
+      ctx.y_pre.resize(std::size_t(max_batch * features));
+      ctx.dy_scaled.resize(std::size_t(max_batch * features));
     }
   }
 
@@ -150,15 +192,17 @@ class Ia3Bank<Linear<T, Backend>> {
     ctx.x = x;
     auto xs = ctx.x_scaled.view(x.rows, x.cols);
     Backend::copy(x, xs);
-    Backend::scale_cols(xs, ctx.combined.data());
+    Backend::scale_cols(xs, ctx.expanded.data());
     return xs;
   }
   /// Output adapters: y ← y ⊙ Π l, remembering y before scaling.
-  void post_forward(Context& ctx, MatrixView<T> y) const {
+  void post_forward(Context& ctx, const std::vector<int>& active, MatrixView<T> y) const {
+    ctx.ran.assign(active.begin(), active.end());  // (also set by pre_forward, which embeddings skip)
+    ctx.feedforward = !active.empty() && adapters_.front().feedforward;
     if (ctx.ran.empty() || ctx.feedforward) return;
     combine(ctx, -1);
     Backend::copy(ConstMatrixView<T>(y), ctx.y_pre.view(y.rows, y.cols));
-    Backend::scale_cols(y, ctx.combined.data());
+    Backend::scale_cols(y, ctx.expanded.data());
   }
   /// Output adapters: dl_k = Σ_rows(dy ⊙ y_pre) ⊙ Π_{j≠k} l_j; returns dy ⊙ Π l for the layers below.
   ConstMatrixView<T> post_backward(Context& ctx, ConstMatrixView<T> dy, GradMode mode) {
@@ -169,7 +213,7 @@ class Ia3Bank<Linear<T, Backend>> {
     Backend::sum_rows(ConstMatrixView<T>(d), ctx.reduce.data(), T(1), T(0));
     param_grads(ctx, mode);
     Backend::copy(dy, d);
-    Backend::scale_cols(d, ctx.combined.data());
+    Backend::scale_cols(d, ctx.expanded.data());
     return d;
   }
   /// Feed-forward adapters: the layers below write the gradient w.r.t. x ⊙ c here (empty: write dx directly).
@@ -181,7 +225,7 @@ class Ia3Bank<Linear<T, Backend>> {
   void pre_backward(Context& ctx, MatrixView<T> dx, GradMode input, GradMode params) {
     if (ctx.ran.empty() || !ctx.feedforward) return;
     auto g = ctx.dx_scaled.view(ctx.x.rows, ctx.x.cols);
-    if (!dx.empty()) Backend::add_scaled_cols(ConstMatrixView<T>(g), ctx.combined.data(), input == GradMode::accumulate ? T(1) : T(0), dx);
+    if (!dx.empty()) Backend::add_scaled_cols(ConstMatrixView<T>(g), ctx.expanded.data(), input == GradMode::accumulate ? T(1) : T(0), dx);
     Backend::mul(ctx.x, g);  // g ⊙ x
     Backend::sum_rows(ConstMatrixView<T>(g), ctx.reduce.data(), T(1), T(0));
     param_grads(ctx, params);
@@ -211,26 +255,38 @@ class Ia3Bank<Linear<T, Backend>> {
       const auto& l = adapters_[std::size_t(s)].l;
       for (std::size_t i = 0; i < n; ++i) out[i] *= l[i];
     }
+    if (skip < 0) {  // one factor per feature: channel c covers features [c·P, (c+1)·P)
+      const std::size_t p = ctx.expanded.size() / n;
+      for (std::size_t c = 0; c < n; ++c)
+        for (std::size_t k = 0; k < p; ++k) ctx.expanded[c * p + k] = out[c];
+    }
   }
   void param_grads(Context& ctx, GradMode mode) {
     const bool acc = mode == GradMode::accumulate;
+    const std::size_t channels = ctx.folded.size(), p = ctx.reduce.size() / channels;
+    for (std::size_t c = 0; c < channels; ++c) {
+      T sum = 0;
+      for (std::size_t k = 0; k < p; ++k) sum += ctx.reduce[c * p + k];
+      ctx.folded[c] = sum;
+    }
     for (int s : ctx.ran) {
       auto& a = adapters_[std::size_t(s)];
       if (!a.requires_grad) continue;
       combine(ctx, s);
       for (std::size_t i = 0; i < a.grad_l.size(); ++i) {
-        const T g = ctx.reduce[i] * ctx.others[i];
+        const T g = ctx.folded[i] * ctx.others[i];
         a.grad_l[i] = acc ? a.grad_l[i] + g : g;
       }
     }
   }
   void scale_weight(int slot, MatrixView<T> w, MatrixView<T> bias, bool merge) const {
     const auto& a = adapters_[std::size_t(slot)];
-    // which axis of the stored weight the vector runs along
-    const bool along_cols = a.feedforward != a.config.fan_in_fan_out;
+    // the stored weight is [out, in·kernel] (or [in, out]); the vector runs over output or input channels
+    const bool along_cols = a.feedforward == weight_out_major_;
+    const Index per = a.feedforward && weight_out_major_ ? in_kernel_ : 1;
     for (Index i = 0; i < w.rows; ++i)
       for (Index j = 0; j < w.cols; ++j) {
-        const T l = a.l[std::size_t(along_cols ? j : i)];
+        const T l = a.l[std::size_t(along_cols ? j / per : i)];
         w(i, j) = merge ? w(i, j) * l : w(i, j) / (l + T(1e-8));
       }
     if (!a.feedforward && !bias.empty())
@@ -238,6 +294,8 @@ class Ia3Bank<Linear<T, Backend>> {
   }
 
   std::vector<adapter_type> adapters_;
+  bool weight_out_major_ = true;
+  Index in_kernel_ = 1;
 };
 
 template <class Layer>
