@@ -19,11 +19,17 @@
 //                    iteration that did not come from operator new (glibc only). Eigen's GEMM gets its
 //                    packing buffers above 128 KiB from std::malloc, not operator new, so this is the
 //                    counter that proves (or disproves) an allocation-free hot path.
+//   max_rel_diff     (hand-written benchmarks) largest |peft - hand| over the outputs relative to the
+//                    largest |value|: 0 where both run the same kernels, ~1e-7 where they do not
+// Repetitions also report their minimum ("_min") beside mean/median/stddev/cv.
 //
 // Run single-threaded (OpenBLAS's pthread build otherwise uses every core):
 //   OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 bench_lora --benchmark_repetitions=5
 //       --benchmark_report_aggregates_only=true --benchmark_min_time=0.2
-// See docs/benchmarks.md for the measured numbers.
+//       --benchmark_enable_random_interleaving=true
+// OpenBLAS 0.3.21 does not know recent Intel CPUs and silently runs its Prescott (SSE3) kernels there:
+// check openblas_get_corename(), and set e.g. OPENBLAS_CORETYPE=SkylakeX. See docs/benchmarks.md for the
+// measured numbers.
 
 #include <benchmark/benchmark.h>
 

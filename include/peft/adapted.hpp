@@ -280,6 +280,7 @@ class Adapted {
   void forward(Context& ctx, input_type x, MatrixView<T> y) {
     check_context(ctx, "forward");
     base_.check_io(ctx.base, x, y, "Adapted.forward");
+    bind_base();
     ctx.seed = detail::random_bits(seed_, 0x5EEDull, forwards_++);  // distinct for every (seed, forward count)
     // 1. input-scaling adapters ((IA)³ on feed-forward layers): the base and additive adapters see x ⊙ l
     input_type xin = x;
@@ -307,6 +308,7 @@ class Adapted {
                 GradMode input = GradMode::overwrite) {
     check_context(ctx, "backward");
     base_.check_backward(ctx.base, dy, dx, "Adapted.backward");
+    bind_base();
     if (!merged_.empty())
       throw StateError(detail::cat("Adapted.backward: adapter '", merged_.front(), "' is merged into the base weight; unmerge before training"));
     // reverse order of forward: output scaling, then base and additive adapters, then input scaling
@@ -382,6 +384,17 @@ class Adapted {
   template <class F>
   void for_kind(std::size_t kind, F&& f) const {
     detail::for_each_index([&](auto k) { if (k == kind) f(std::get<k>(banks_)); }, std::index_sequence_for<Kinds...>{});
+  }
+
+  /// Banks that read the base weight in forward/backward (DoRA) get a pointer to it; it may have moved
+  /// since the adapter was added (a copied or moved layer).
+  void bind_base() {
+    detail::for_each_index(
+        [&](auto k) {
+          auto& bank = std::get<k>(banks_);
+          if constexpr (requires { bank.bind_base(base_); }) bank.bind_base(base_);
+        },
+        std::index_sequence_for<Kinds...>{});
   }
 
   /// f(bank, bank context, active slots) for every kind, in declaration order.

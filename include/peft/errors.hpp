@@ -31,6 +31,12 @@ struct StateError : std::logic_error {
   using std::logic_error::logic_error;
 };
 
+/// A file whose contents are malformed (a bad safetensors header, offsets outside the file, ...).
+/// The message names the file, then the tensor, field or byte offset at fault.
+struct FormatError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 namespace detail {
 
 template <class... Args>

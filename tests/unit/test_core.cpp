@@ -57,7 +57,7 @@ TEST_CASE("views: Eigen objects, raw pointers and blocks view the same memory", 
 
 TEMPLATE_TEST_CASE("backend: gemm in all four transpose variants, Eigen and BLAS paths", "[core][gemm]", float, double) {
   using T = TestType;
-  for (auto [m, n, k] : {std::tuple<peft::Index, peft::Index, peft::Index>{1, 1, 1}, {3, 5, 7}, {17, 8, 33}, {64, 64, 64}, {100, 70, 90}, {8, 130, 300}}) {
+  for (auto [m, n, k] : {std::tuple<peft::Index, peft::Index, peft::Index>{1, 1, 1}, {3, 5, 7}, {17, 8, 33}, {64, 64, 64}, {100, 70, 90}, {8, 130, 300}, {128, 160, 1024}}) {  // the last one is large enough for OpenBLAS
     check_gemm<Trans::no, Trans::no, T>(m, n, k, T(1), T(0));
     check_gemm<Trans::no, Trans::yes, T>(m, n, k, T(0.5), T(1));
     check_gemm<Trans::yes, Trans::no, T>(m, n, k, T(-2), T(0.25));

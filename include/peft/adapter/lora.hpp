@@ -1,11 +1,21 @@
-// peft++ — LoRA (Hu et al. 2021) with rsLoRA scaling, as Hugging Face PEFT implements it.
+// peft++ — LoRA (Hu et al. 2021) with rsLoRA scaling and DoRA (Liu et al. 2024), as Hugging Face PEFT
+// implements them.
 //
 //   y = base(x) + s · (dropout(x) Aᵀ) Bᵀ (+ s · b_B with lora_bias),   A: [r, in], B: [out, r]
 //   s = lora_alpha / r, or lora_alpha / √r with use_rslora.
 //   ΔW = s · B A ([out, in]; transposed for fan_in_fan_out); merge W += ΔW, unmerge W −= ΔW.
+//
+// DoRA (use_dora): a magnitude m [out], initialised to ‖W + ΔW‖_row, and g = m / ‖W + ΔW‖_row with the norm
+// recomputed every forward and detached (a constant for backward), as PEFT:
+//   y ← y + (g − 1) ⊙ (y − b) + g ⊙ s·(x Aᵀ) Bᵀ            (no dropout, or eval mode; y: the running output)
+//   y ← y + (g − 1) ⊙ (xd Wᵀ) + g ⊙ s·(xd Aᵀ) Bᵀ            (dropout active, xd = dropout(x))
+//   merge W ← (m / ‖W + ΔW‖_row) ⊙ (W + ΔW), the norm cached for unmerge W ← W ⊘ (m / norm) − ΔW.
+// See docs/methods/dora.md.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <regex>
 #include <string>
 #include <string_view>
@@ -36,6 +46,9 @@ struct LoraConfig {
   LoraInit init_lora_weights = LoraInit::standard;
   bool lora_bias = false;
   bool fan_in_fan_out = false;
+  /// DoRA, weight-decomposed LoRA (PEFT's use_dora): adds a trainable magnitude vector per output row.
+  /// Linear only so far; lora_bias is rejected with it, as PEFT does.
+  bool use_dora = false;
   /// Per-module overrides, PEFT's rank_pattern / alpha_pattern: a key applies to a module whose path
   /// matches the regex `(.*\.)?(key)$`; the first matching key wins.
   std::vector<std::pair<std::string, int>> rank_pattern;
@@ -65,6 +78,8 @@ struct LoraConfig {
     if (!(lora_dropout >= 0.0 && lora_dropout < 1.0))
       throw ConfigError(detail::cat("LoraConfig: lora_dropout must be in [0, 1), got ", lora_dropout));
     if (!std::isfinite(lora_alpha)) throw ConfigError("LoraConfig: lora_alpha must be finite");
+    if (use_dora && lora_bias)
+      throw ConfigError("LoraConfig: the argument lora_bias=True is not supported for DoRA, please pass use_dora=False (as PEFT)");
   }
 };
 
@@ -80,7 +95,15 @@ struct LoraAdapter {
   Index in = 0, out = 0;
   buffer<T> a, b, bias;                 ///< A [r, in], B [out, r], b_B [out] (only with lora_bias)
   buffer<T> grad_a, grad_b, grad_bias;  ///< same shapes
+  buffer<T> magnitude, grad_magnitude;  ///< DoRA's m [out] (PEFT's lora_magnitude_vector) and its gradient
   bool requires_grad = false;
+  // merge bookkeeping, owned by the bank (do not modify): whether and when this adapter was merged, and
+  // for DoRA the row norm ‖W₀ + ΔW‖ it was merged with, which unmerge needs
+  bool merged = false;
+  std::uint64_t merge_order = 0;
+  buffer<T> merge_norm;
+
+  bool dora() const noexcept { return config.use_dora; }
 
   MatrixView<T> A() { return a.view(r, in); }
   ConstMatrixView<T> A() const { return a.view(r, in); }
@@ -90,6 +113,10 @@ struct LoraAdapter {
   MatrixView<T> grad_A() { return grad_a.view(r, in); }
   MatrixView<T> grad_B() { return grad_b.view(out, r); }
   MatrixView<T> grad_B_bias() { return config.lora_bias ? grad_bias.view(1, out) : MatrixView<T>{}; }
+  /// DoRA's magnitude m as a [1, out] view (empty without use_dora).
+  MatrixView<T> M() { return dora() ? magnitude.view(1, out) : MatrixView<T>{}; }
+  ConstMatrixView<T> M() const { return dora() ? magnitude.view(1, out) : ConstMatrixView<T>{}; }
+  MatrixView<T> grad_M() { return dora() ? grad_magnitude.view(1, out) : MatrixView<T>{}; }
 };
 
 template <class Base>
@@ -105,32 +132,50 @@ struct Lora {
 
 /// LoRA adapters of one Linear layer, one slot per named adapter. Driven by `Adapted`, which owns the
 /// names, the active set and the merge state; the bank does the math.
+///
+/// Active slots run in the order of the active set. With DoRA the order matters, as in PEFT: a DoRA slot
+/// without dropout rescales the running output (everything added before it, minus the base bias).
 template <class T, class Backend>
 class LoraBank<Linear<T, Backend>> {
  public:
   using base_type = Linear<T, Backend>;
   using adapter_type = LoraAdapter<T, Backend>;
   using Scratch = typename Backend::template GemmScratch<T>;
+  template <class U>
+  using buffer = typename Backend::template buffer<U>;
+
+  /// DoRA computes ‖W + s·B·A‖_row in blocks of this many output rows (no [out, in] temporary).
+  static constexpr Index norm_block_rows = 64;
 
   /// Per-forward state: which slots ran, and their saved activations.
   struct Context {
     struct Slot {
-      typename Backend::template buffer<T> t;   ///< dropout(x) Aᵀ, [batch, r]
-      typename Backend::template buffer<T> g;   ///< dy B, [batch, r]
-      typename Backend::template buffer<T> xd;   ///< dropout(x) [batch, in] (only when lora_dropout > 0)
-      typename Backend::template buffer<T> dxd;  ///< gradient w.r.t. dropout(x) (only when lora_dropout > 0)
+      buffer<T> t;    ///< dropout(x) Aᵀ, [batch, r]
+      buffer<T> g;    ///< dy B, [batch, r]
+      buffer<T> xd;   ///< dropout(x) [batch, in] (only when lora_dropout > 0)
+      buffer<T> dxd;  ///< gradient w.r.t. dropout(x) (only when lora_dropout > 0)
+      // DoRA only:
+      buffer<T> q;         ///< [batch, out]: base term + s·(x Aᵀ) Bᵀ; the magnitude gradient is Σ_rows dy ⊙ q / norm
+      buffer<T> norm;      ///< [out]: ‖W + s·B·A‖_row of this forward (detached)
+      buffer<T> scale;     ///< [out]: g = m / norm
+      buffer<T> scale_m1;  ///< [out]: g − 1
       bool dropped = false;                      ///< dropout was applied in this forward
       std::uint64_t stream = 0;                  ///< dropout stream of this forward
     };
     std::vector<Slot> slots;
-    std::vector<int> ran;  ///< slots that contributed to the last forward (capacity = slots.size())
+    std::vector<int> ran;  ///< slots that contributed to the last forward, in order (capacity = slots.size())
+    // DoRA only (empty without DoRA adapters):
+    buffer<T> work0, work1;  ///< [batch, out]: the scaled LoRA term in forward; running output gradients in backward
+    buffer<T> wblock;        ///< [norm_block_rows, in]: a block of W + s·B·A
+    buffer<T> vec;           ///< [out]: the magnitude gradient before accumulation
   };
 
   std::size_t size() const noexcept { return adapters_.size(); }
   adapter_type& at(int slot) { return adapters_[std::size_t(slot)]; }
   const adapter_type& at(int slot) const { return adapters_[std::size_t(slot)]; }
 
-  /// Adds an adapter for `base` with a resolved config; returns its slot.
+  /// Adds an adapter for `base` with a resolved config; returns its slot. `base` is the adapted layer's
+  /// own base (DoRA reads its weight in forward and backward).
   int add(const base_type& base, const LoraConfig& cfg, Generator& gen, std::string_view name) {
     cfg.validate();
     if (cfg.fan_in_fan_out != (base.layout() == WeightLayout::in_out))
@@ -166,14 +211,34 @@ class LoraBank<Linear<T, Backend>> {
       }
       case LoraInit::zeros: break;
     }
+    if (cfg.use_dora) {
+      // PEFT's DoraLinearLayer.update_layer: m = ‖W + s·B·A‖_row, after A and B are initialised
+      a.magnitude.resize(std::size_t(a.out));
+      a.grad_magnitude.resize(std::size_t(a.out));
+      Scratch scratch;
+      buffer<T> block;
+      reserve_norm(a, scratch, &block);
+      weight_norm(a, base.weight(), scratch, block.data(), a.magnitude.data());
+    }
     adapters_.push_back(std::move(a));
+    if (cfg.use_dora) bind_base(const_cast<base_type&>(base));  // Adapted's base_ is not const; only add() sees it as const
     return int(adapters_.size() - 1);
   }
   void remove(int slot) { adapters_.erase(adapters_.begin() + slot); }
 
+  /// DoRA reads the base weight (and bias) in forward and backward. The bank keeps a pointer to its
+  /// layer's base, set by add(), apply_delta() and this hook. A bank that was copied or moved since (with
+  /// its Adapted) refuses to run a DoRA adapter rather than read another layer's weight; an Adapted that
+  /// calls bind_base(base_) before forward and backward lifts that restriction.
+  void bind_base(base_type& base) noexcept {
+    base_ = &base;
+    self_ = this;
+  }
+
   void make_context(Context& ctx, Scratch& scratch, Index max_batch) const {
     ctx.slots.resize(adapters_.size());
     ctx.ran.reserve(adapters_.size());
+    Index dora_out = 0, dora_in = 0;
     for (std::size_t i = 0; i < adapters_.size(); ++i) {
       const auto& a = adapters_[i];
       auto& s = ctx.slots[i];
@@ -189,10 +254,30 @@ class LoraBank<Linear<T, Backend>> {
       scratch.reserve_gemm(a.out, a.r, max_batch);  // dB
       scratch.reserve_gemm(a.r, a.in, max_batch);   // dA
       scratch.reserve_gemm(max_batch, a.in, a.r);   // dx
+      if (a.dora()) {
+        s.q.resize(std::size_t(max_batch * a.out));
+        s.norm.resize(std::size_t(a.out));
+        s.scale.resize(std::size_t(a.out));
+        s.scale_m1.resize(std::size_t(a.out));
+        dora_out = a.out;
+        dora_in = a.in;
+        reserve_norm(a, scratch);
+        scratch.reserve_gemm(max_batch, a.out, a.in);  // xd Wᵀ (dropout)
+        scratch.reserve_gemm(max_batch, a.in, a.out);  // dx += G W
+        scratch.reserve_gemm(a.out, a.in, max_batch);  // dW ([out, in])
+        scratch.reserve_gemm(a.in, a.out, max_batch);  // dW ([in, out])
+      }
+    }
+    if (dora_out > 0) {
+      ctx.work0.resize(std::size_t(max_batch * dora_out));
+      ctx.work1.resize(std::size_t(max_batch * dora_out));
+      ctx.wblock.resize(std::size_t(std::min(norm_block_rows, dora_out) * dora_in));
+      ctx.vec.resize(std::size_t(dora_out));
     }
   }
 
-  /// y += Σ_{slot in active} s · dropout(x) Aᵀ Bᵀ (+ s·b_B). `dropout_on` is the layer's train mode.
+  /// y += Σ_{slot in active} s · dropout(x) Aᵀ Bᵀ (+ s·b_B), in order; DoRA slots as in the file comment.
+  /// `dropout_on` is the layer's train mode.
   void forward(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T> x, MatrixView<T> y,
                bool dropout_on, std::uint64_t seed, std::uint64_t stream0) const {
     ctx.ran.assign(active.begin(), active.end());
@@ -210,53 +295,121 @@ class LoraBank<Linear<T, Backend>> {
       }
       auto t = s.t.view(m, a.r);
       Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), xin, a.A(), T(0), t);
+      if (a.dora()) {
+        dora_forward(ctx, s, scratch, a, xin, y);
+        continue;
+      }
       Backend::template gemm<Trans::no, Trans::yes>(scratch, a.scaling, ConstMatrixView<T>(t), a.B(), T(1), y);
       if (a.config.lora_bias) Backend::add_row_vector(y, a.bias.data(), a.scaling);
     }
   }
 
-  /// Backward of the slots that ran: dx += s · (dy B) A (through the dropout mask); parameter gradients of
-  /// trainable slots per `mode`: dA = s (dy B)ᵀ dropout(x), dB = s dyᵀ t, db_B = s Σ_rows dy.
+  /// Backward of the slots that ran, last first. LoRA: dx += s · (dy B) A (through the dropout mask);
+  /// parameter gradients of trainable slots per `mode`: dA = s (dy B)ᵀ dropout(x), dB = s dyᵀ t,
+  /// db_B = s Σ_rows dy. DoRA (norm detached): the same with dy replaced by g ⊙ dy, dm = Σ_rows dy ⊙ q / norm,
+  /// and the base term's gradient (g − 1) ⊙ dy through W (into dx, and into dW when the base is trainable).
   void backward(Context& ctx, Scratch& scratch, ConstMatrixView<T> x, ConstMatrixView<T> dy, MatrixView<T> dx, GradMode mode,
                 std::uint64_t seed) {
     const Index m = dy.rows;
     const T beta = mode == GradMode::accumulate ? T(1) : T(0);
-    for (int slot : ctx.ran) {
+    ConstMatrixView<T> d = dy;  // gradient w.r.t. the running output after the slot being processed
+    MatrixView<T> d_buf;        // the work buffer d lives in once a DoRA slot without dropout has scaled it
+    for (auto it = ctx.ran.rbegin(); it != ctx.ran.rend(); ++it) {
+      const int slot = *it;
       auto& a = adapters_[std::size_t(slot)];
       auto& s = ctx.slots[std::size_t(slot)];
+      ConstMatrixView<T> dl = d;  // upstream gradient of this slot's s·B·A branch
+      MatrixView<T> gd;
+      if (a.dora()) {
+        // the branch is g ⊙ s·lora: its gradient is g ⊙ d; into the work buffer that does not hold d
+        gd = (d_buf.data == ctx.work0.data() ? ctx.work1 : ctx.work0).view(m, a.out);
+        Backend::add_scaled_cols(d, s.scale.data(), T(0), gd);
+        dl = gd;
+        if (a.requires_grad) {
+          auto v = ctx.vec.view(1, a.out);
+          Backend::sum_rows_mul(d, ConstMatrixView<T>(s.q.view(m, a.out)), v.data, T(1), T(0));
+          Backend::div(ConstMatrixView<T>(v), ConstMatrixView<T>(s.norm.view(1, a.out)), v);
+          Backend::axpby(T(1), ConstMatrixView<T>(v), beta, a.grad_M());
+        }
+      }
       auto g = s.g.view(m, a.r);
-      Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), dy, a.B(), T(0), g);
+      Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), dl, a.B(), T(0), g);
       ConstMatrixView<T> xin = s.dropped ? ConstMatrixView<T>(s.xd.view(m, a.in)) : x;
       if (a.requires_grad) {
-        Backend::template gemm<Trans::yes, Trans::no>(scratch, a.scaling, dy, ConstMatrixView<T>(s.t.view(m, a.r)), beta, a.grad_B());
+        Backend::template gemm<Trans::yes, Trans::no>(scratch, a.scaling, dl, ConstMatrixView<T>(s.t.view(m, a.r)), beta, a.grad_B());
         Backend::template gemm<Trans::yes, Trans::no>(scratch, a.scaling, ConstMatrixView<T>(g), xin, beta, a.grad_A());
-        if (a.config.lora_bias) Backend::sum_rows(dy, a.grad_bias.data(), a.scaling, beta);
+        if (a.config.lora_bias) Backend::sum_rows(dl, a.grad_bias.data(), a.scaling, beta);
+      }
+      const bool dora_base_term = a.dora() && s.dropped;  // (g − 1) ⊙ (dropout(x) Wᵀ), dropout active
+      if (a.dora() && !s.dropped) {
+        // y_k = y_{k-1} + (g − 1) ⊙ (y_{k-1} − b) + …: the gradient reaching the earlier output is g ⊙ d
+        d = gd;
+        d_buf = gd;
+      }
+      if (dora_base_term) {
+        Backend::add_scaled_cols(d, s.scale_m1.data(), T(0), gd);  // gd ← (g − 1) ⊙ d (g ⊙ d is no longer needed)
+        auto& base = bound_base("backward");
+        if (base.requires_grad()) weight_grad_add(scratch, base, ConstMatrixView<T>(gd), xin);
       }
       if (dx.empty()) continue;
       if (!s.dropped) {
         Backend::template gemm<Trans::no, Trans::no>(scratch, a.scaling, ConstMatrixView<T>(g), a.A(), T(1), dx);
       } else {
-        // d(dropout(x)) = s g A, then through the same mask (recomputed from the counter-based stream).
+        // d(dropout(x)) = s g A (+ ((g − 1) ⊙ d) W for DoRA), then through the same mask (recomputed from
+        // the counter-based stream).
         auto dxd = s.dxd.view(m, a.in);
         Backend::template gemm<Trans::no, Trans::no>(scratch, a.scaling, ConstMatrixView<T>(g), a.A(), T(0), dxd);
+        if (dora_base_term) input_grad_add(scratch, bound_base("backward"), ConstMatrixView<T>(gd), dxd);
         Backend::dropout(ConstMatrixView<T>(dxd), dxd, a.config.lora_dropout, seed, s.stream);
         Backend::axpby(T(1), ConstMatrixView<T>(dxd), T(1), dx);
       }
     }
+    if (d_buf.data) {
+      // The base (and whatever ran before this bank) fed an output that DoRA rescaled: its gradient is d,
+      // not the dy the base layer's backward used. Add the difference through W.
+      Backend::axpby(T(-1), dy, T(1), d_buf);  // d − dy
+      auto& base = bound_base("backward");
+      if (!dx.empty()) input_grad_add(scratch, base, ConstMatrixView<T>(d_buf), dx);
+      if (base.requires_grad()) weight_grad_add(scratch, base, ConstMatrixView<T>(d_buf), x);
+    }
   }
 
-  /// W += sign · ΔW (and bias += sign · s · b_B), in the base weight's layout.
-  void apply_delta(int slot, base_type& base, T sign) const {
-    const auto& a = adapters_[std::size_t(slot)];
+  /// Merges (sign > 0) or unmerges (sign < 0) the adapter in the base weight. LoRA: W ± ΔW, bias ± s·b_B.
+  /// DoRA (PEFT's rule): W ← (m / n) ⊙ (W + ΔW), n = ‖W₀ + ΔW‖_row over the base weight W₀ with this bank's
+  /// other merged adapters taken out (PEFT's _unmerged_base_weight); n is cached for the unmerge
+  /// W ← W ⊘ (m / n) − ΔW.
+  void apply_delta(int slot, base_type& base, T sign) {
+    auto& a = adapters_[std::size_t(slot)];
     Scratch scratch;
-    write_delta(slot, scratch, base.weight(), sign, T(1));
-    if (a.config.lora_bias) Backend::axpby(sign * a.scaling, ConstMatrixView<T>(a.bias.view(1, a.out)), T(1), base.bias());
+    if (!a.dora()) {
+      write_delta(slot, scratch, base.weight(), sign, T(1));
+      if (a.config.lora_bias) Backend::axpby(sign * a.scaling, ConstMatrixView<T>(a.bias.view(1, a.out)), T(1), base.bias());
+    } else {
+      bind_base(base);
+      if (sign > 0) {
+        a.merge_norm.resize(std::size_t(a.out));
+        dora_merge(slot, scratch, base.weight(), a.merge_norm.data());
+      } else {
+        undo_merge(slot, scratch, base.weight());
+      }
+    }
+    a.merged = sign > 0;
+    a.merge_order = sign > 0 ? ++merge_counter_ : 0;
   }
 
-  /// w ← w + ΔW: the merged weight, computed in a copy (safe merging).
-  void merge_preview(int slot, Scratch& scratch, MatrixView<T> w) const { write_delta(slot, scratch, w, T(1), T(1)); }
+  /// The merged weight, computed in `w`, a copy of the base weight (safe merging).
+  void merge_preview(int slot, Scratch& scratch, MatrixView<T> w) const {
+    const auto& a = adapters_[std::size_t(slot)];
+    if (!a.dora()) {
+      write_delta(slot, scratch, w, T(1), T(1));
+      return;
+    }
+    buffer<T> norm(std::size_t(a.out));
+    dora_merge(slot, scratch, w, norm.data());
+  }
 
   /// out = sign · ΔW + beta · out, ΔW = s · B A in the base layout ([out, in], or [in, out] for fan_in_fan_out).
+  /// For a DoRA adapter this is the plain LoRA delta too, as PEFT's get_delta_weight.
   void write_delta(int slot, Scratch& scratch, MatrixView<T> out, T sign, T beta) const {
     const auto& a = adapters_[std::size_t(slot)];
     if (!a.config.fan_in_fan_out) {
@@ -268,6 +421,8 @@ class LoraBank<Linear<T, Backend>> {
     }
   }
 
+  /// Visits lora_A.<name>.weight, lora_B.<name>.weight (+ lora_B.<name>.bias with lora_bias) and, for DoRA,
+  /// lora_magnitude_vector.<name>.weight (PEFT's in-memory name; its checkpoint key drops ".<name>.weight").
   template <class F>
   void visit_parameters(int slot, std::string_view name, F&& f) {
     auto& a = adapters_[std::size_t(slot)];
@@ -275,6 +430,9 @@ class LoraBank<Linear<T, Backend>> {
     f(ParamRef<T>{"lora_A." + n + ".weight", a.a.data(), a.grad_a.data(), a.a.size(), a.requires_grad});
     f(ParamRef<T>{"lora_B." + n + ".weight", a.b.data(), a.grad_b.data(), a.b.size(), a.requires_grad});
     if (a.config.lora_bias) f(ParamRef<T>{"lora_B." + n + ".bias", a.bias.data(), a.grad_bias.data(), a.bias.size(), a.requires_grad});
+    if (a.dora())
+      f(ParamRef<T>{"lora_magnitude_vector." + n + ".weight", a.magnitude.data(), a.grad_magnitude.data(), a.magnitude.size(),
+                    a.requires_grad});
   }
   void set_requires_grad(int slot, bool on) { adapters_[std::size_t(slot)].requires_grad = on; }
   void zero_grad(int slot) {
@@ -282,10 +440,135 @@ class LoraBank<Linear<T, Backend>> {
     a.grad_a.zero();
     a.grad_b.zero();
     a.grad_bias.zero();
+    a.grad_magnitude.zero();
   }
 
  private:
+  base_type& bound_base(const char* where) const {
+    if (base_ == nullptr || self_ != this)
+      throw StateError(detail::cat("LoRA (DoRA) ", where,
+                                   ": this layer was copied or moved after its DoRA adapter was added, so the adapter cannot "
+                                   "find the base weight it reads; add DoRA adapters once the layer is in its final place"));
+    return *base_;
+  }
+
+  /// Grows `scratch` (and `block`, if given) for weight_norm() of adapter `a`.
+  static void reserve_norm(const adapter_type& a, Scratch& scratch, buffer<T>* block = nullptr) {
+    const Index nb = std::min(norm_block_rows, a.out), tail = a.out % norm_block_rows;
+    for (Index rows : {nb, tail}) {
+      if (a.config.fan_in_fan_out) scratch.reserve_gemm(a.in, rows, a.r);
+      else scratch.reserve_gemm(rows, a.in, a.r);
+    }
+    if (block) block->resize(std::size_t(nb * a.in));
+  }
+
+  /// n[o] = ‖(W + s·B·A)[o, :]‖₂ over the input dimension (PEFT's get_weight_norm), W in the base layout.
+  /// Blocks of norm_block_rows output rows go through `block` (norm_block_rows · in elements).
+  static void weight_norm(const adapter_type& a, ConstMatrixView<T> w, Scratch& scratch, T* block, T* n) {
+    for (Index o0 = 0; o0 < a.out; o0 += norm_block_rows) {
+      const Index nb = std::min(norm_block_rows, a.out - o0);
+      if (!a.config.fan_in_fan_out) {
+        MatrixView<T> v(block, nb, a.in);
+        Backend::copy(w.row_block(o0, nb), v);
+        Backend::template gemm<Trans::no, Trans::no>(scratch, a.scaling, a.B().row_block(o0, nb), a.A(), T(1), v);
+        Backend::row_norms(ConstMatrixView<T>(v), n + o0);
+      } else {
+        MatrixView<T> v(block, a.in, nb);
+        Backend::copy(ConstMatrixView<T>(w.data + o0, a.in, nb, w.stride), v);
+        Backend::template gemm<Trans::yes, Trans::yes>(scratch, a.scaling, a.A(), a.B().row_block(o0, nb), T(1), v);
+        Backend::col_norms(ConstMatrixView<T>(v), n + o0);
+      }
+    }
+  }
+
+  /// One DoRA slot's forward (t = xin Aᵀ is computed): norm, g, the saved q, and y += (g − 1) ⊙ base term +
+  /// g ⊙ s·t Bᵀ.
+  void dora_forward(Context& ctx, typename Context::Slot& s, Scratch& scratch, const adapter_type& a, ConstMatrixView<T> xin,
+                    MatrixView<T> y) const {
+    const base_type& base = bound_base("forward");
+    const Index m = y.rows;
+    const auto norm = s.norm.view(1, a.out);
+    const auto scale = s.scale.view(1, a.out);
+    const auto scale_m1 = s.scale_m1.view(1, a.out);
+    weight_norm(a, base.weight(), scratch, ctx.wblock.data(), norm.data);
+    Backend::div(a.M(), ConstMatrixView<T>(norm), scale);  // g = m / ‖W + s·B·A‖ (detached)
+    Backend::fill(scale_m1, T(-1));
+    Backend::axpby(T(1), ConstMatrixView<T>(scale), T(1), scale_m1);  // g − 1
+    auto q = s.q.view(m, a.out);
+    if (!s.dropped) {
+      // PEFT passes the running result: the base output and every slot before this one, minus the base bias
+      Backend::copy(ConstMatrixView<T>(y), q);
+      if (base.has_bias()) Backend::add_row_vector(q, base.bias().data, T(-1));
+    } else if (!a.config.fan_in_fan_out) {
+      Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), xin, base.weight(), T(0), q);  // dropout(x) Wᵀ
+    } else {
+      Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), xin, base.weight(), T(0), q);
+    }
+    auto lora = ctx.work0.view(m, a.out);
+    Backend::template gemm<Trans::no, Trans::yes>(scratch, a.scaling, ConstMatrixView<T>(s.t.view(m, a.r)), a.B(), T(0), lora);
+    Backend::add_scaled_cols(ConstMatrixView<T>(q), scale_m1.data, T(1), y);
+    Backend::add_scaled_cols(ConstMatrixView<T>(lora), scale.data, T(1), y);
+    Backend::axpby(T(1), ConstMatrixView<T>(lora), T(1), q);
+  }
+
+  /// dx += g W (g: [batch, out]), whatever the base layout.
+  static void input_grad_add(Scratch& scratch, const base_type& base, ConstMatrixView<T> g, MatrixView<T> dx) {
+    if (base.layout() == WeightLayout::out_in) Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), g, base.weight(), T(1), dx);
+    else Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), g, base.weight(), T(1), dx);
+  }
+  /// dW += gᵀ x in the base layout (base weight trainable).
+  static void weight_grad_add(Scratch& scratch, base_type& base, ConstMatrixView<T> g, ConstMatrixView<T> x) {
+    if (base.layout() == WeightLayout::out_in) Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), g, x, T(1), base.weight_grad());
+    else Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), x, g, T(1), base.weight_grad());
+  }
+
+  /// w ← w ⊙ v per output row (rows of [out, in], columns of [in, out]).
+  static void scale_out_rows(const adapter_type& a, MatrixView<T> w, const T* v) {
+    if (!a.config.fan_in_fan_out) Backend::scale_rows(w, v);
+    else Backend::scale_cols(w, v);
+  }
+
+  /// DoRA merge of `slot` into w (the base weight or a copy of it): norm_out ← ‖W₀ + ΔW‖_row, w ← (m /
+  /// norm_out) ⊙ (w + ΔW). W₀ is w with this bank's merged adapters undone, last merged first.
+  void dora_merge(int slot, Scratch& scratch, MatrixView<T> w, T* norm_out) const {
+    const auto& a = adapters_[std::size_t(slot)];
+    std::vector<int> merged;
+    for (std::size_t j = 0; j < adapters_.size(); ++j)
+      if (adapters_[j].merged && int(j) != slot) merged.push_back(int(j));
+    std::sort(merged.begin(), merged.end(), [&](int i, int j) { return adapters_[std::size_t(i)].merge_order > adapters_[std::size_t(j)].merge_order; });
+    buffer<T> w0_buf;
+    ConstMatrixView<T> w0 = w;
+    if (!merged.empty()) {
+      w0_buf.resize(std::size_t(w.size()));
+      auto v = w0_buf.view(w.rows, w.cols);
+      Backend::copy(ConstMatrixView<T>(w), v);
+      for (int j : merged) undo_merge(j, scratch, v);
+      w0 = v;
+    }
+    buffer<T> block;
+    reserve_norm(a, scratch, &block);
+    weight_norm(a, w0, scratch, block.data(), norm_out);
+    buffer<T> g(std::size_t(a.out));
+    Backend::div(a.M(), ConstMatrixView<T>(norm_out, 1, a.out), g.view(1, a.out));
+    write_delta(slot, scratch, w, T(1), T(1));
+    scale_out_rows(a, w, g.data());
+  }
+
+  /// Takes merged adapter `slot` out of w: w − ΔW (LoRA), w ⊙ (norm / m) − ΔW (DoRA, the cached norm).
+  void undo_merge(int slot, Scratch& scratch, MatrixView<T> w) const {
+    const auto& a = adapters_[std::size_t(slot)];
+    if (a.dora()) {
+      buffer<T> inv(std::size_t(a.out));
+      Backend::div(ConstMatrixView<T>(a.merge_norm.view(1, a.out)), a.M(), inv.view(1, a.out));  // 1 / g
+      scale_out_rows(a, w, inv.data());
+    }
+    write_delta(slot, scratch, w, T(-1), T(1));
+  }
+
   std::vector<adapter_type> adapters_;
+  base_type* base_ = nullptr;   ///< the adapted layer's base (DoRA); see bind_base
+  const void* self_ = nullptr;  ///< this bank's address when base_ was set: a copy or move invalidates base_
+  std::uint64_t merge_counter_ = 0;
 };
 
 }  // namespace peft

@@ -46,6 +46,7 @@ class LoraBank<Conv2d<T, Backend>> {
 
   int add(const base_type& base, const LoraConfig& cfg, Generator& gen, std::string_view name) {
     cfg.validate();
+    if (cfg.use_dora) throw ConfigError(detail::cat("LoRA adapter '", name, "': use_dora (DoRA) is not implemented on a Conv2d layer yet"));
     if (cfg.fan_in_fan_out) throw ConfigError(detail::cat("LoRA adapter '", name, "': fan_in_fan_out does not apply to a Conv2d layer"));
     if (cfg.lora_bias && !base.has_bias()) throw ConfigError(detail::cat("LoRA adapter '", name, "': lora_bias needs a base layer with a bias"));
     const auto& geo = base.geometry();

@@ -35,6 +35,7 @@ class LoraBank<Embedding<T, Backend>> {
 
   int add(const base_type& base, const LoraConfig& cfg, Generator& gen, std::string_view name) {
     cfg.validate();
+    if (cfg.use_dora) throw ConfigError(detail::cat("LoRA adapter '", name, "': use_dora (DoRA) is not implemented on an embedding yet"));
     if (cfg.fan_in_fan_out) throw ConfigError(detail::cat("LoRA adapter '", name, "': fan_in_fan_out does not apply to an embedding"));
     if (cfg.lora_bias) throw ConfigError(detail::cat("LoRA adapter '", name, "': lora_bias is not supported on an embedding (as in PEFT)"));
     adapter_type a;
