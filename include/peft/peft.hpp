@@ -18,3 +18,5 @@
 #include "peft/adapter/lora_conv2d.hpp"
 #include "peft/adapted.hpp"
 #include "peft/model.hpp"
+#include "peft/adapter/loha.hpp"
+#include "peft/adapter/lokr.hpp"

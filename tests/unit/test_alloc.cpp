@@ -148,3 +148,51 @@ TEMPLATE_TEST_CASE("forward and backward allocate nothing after make_context", "
     }
   }
 }
+
+TEMPLATE_TEST_CASE("loha and lokr: forward and backward allocate nothing after make_context", "[loha][lokr][alloc]", float, double) {
+  using T = TestType;
+  // sizes below OpenBLAS's threshold in at least one dimension (its threaded driver mallocs per call)
+  for (peft::Index batch : {1, 16, 48}) {
+    for (double dropout : {0.0, 0.3}) {
+      CAPTURE(batch, dropout);
+      Generator g(3);
+      Adapted<Linear<T>, Lora, Loha, Lokr> l(Linear<T>(40, 36, true, g));
+      LoraConfig lc;
+      lc.r = 4;
+      lc.lora_dropout = dropout;
+      LohaConfig hc;
+      hc.r = 4;
+      hc.init_weights = false;
+      hc.rank_dropout = dropout;
+      hc.module_dropout = dropout / 2;
+      LokrConfig kc;
+      kc.r = 2;
+      kc.decompose_both = true;
+      kc.init_weights = LokrInit::off;
+      kc.rank_dropout = dropout;
+      kc.module_dropout = dropout / 2;
+      LokrConfig kf;  // full blocks
+      l.add_adapter("lora", lc, g);
+      l.add_adapter("loha", hc, g);
+      l.add_adapter("lokr", kc, g);
+      l.add_adapter("lokr_full", kf, g);
+      l.add_adapter("loha2", hc, g);
+      l.set_adapter(std::vector<std::string>{"lora", "loha", "lokr", "lokr_full", "loha2"});
+      l.set_seed(1);
+      const Mat<T> x = random_mat<T>(batch, 40, 1), dy = random_mat<T>(batch, 36, 2);
+      Mat<T> y(batch, 36), dx(batch, 40);
+      auto ctx = l.make_context(batch);
+      l.forward(ctx, x, y);  // warm-up (first calls into libraries)
+      l.backward(ctx, dy, dx, GradMode::overwrite);
+      const auto c = count_allocations([&] {
+        for (int i = 0; i < 3; ++i) {
+          l.forward(ctx, x, y);
+          l.backward(ctx, dy, dx, GradMode::accumulate);
+          l.backward(ctx, dy, MatrixView<T>{}, GradMode::overwrite);
+        }
+      });
+      CHECK(c.news == 0);
+      CHECK(c.mallocs == 0);
+    }
+  }
+}

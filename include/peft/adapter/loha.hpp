@@ -1,0 +1,390 @@
+// peft++ — LoHa (low-rank Hadamard product; Hyeon-Woo et al., FedPara, 2022; LyCORIS), as Hugging Face
+// PEFT 0.21 implements it (peft/tuners/loha/layer.py), on Linear base layers.
+//
+//   w1_a, w2_a: [out, r]     w1_b, w2_b: [r, in]     s = alpha / r
+//   ΔW = s · (w1_a w1_b) ⊙ (w2_a w2_b)                [out, in]; transposed ([in, out]) in a Conv1D-style base
+//   y  = base(x) + x ΔWᵀ                              ΔW is materialised in the context every forward, as PEFT
+//
+// Train mode only: rank_dropout zeroes whole rows of ΔW (rescaled by 1/mean(keep)), module_dropout skips
+// the adapter for one forward. This header also holds the helpers LoHa and LoKr share (detail::lycoris).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <regex>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "peft/grad_mode.hpp"
+#include "peft/layer/linear.hpp"
+#include "peft/param.hpp"
+#include "peft/rng.hpp"
+
+namespace peft {
+
+namespace detail::lycoris {
+
+/// PEFT's get_pattern_key: `key` applies to the module at `path` when `(.*\.)?(key)$` matches it.
+inline bool pattern_matches(const std::string& path, const std::string& key) {
+  return std::regex_match(path, std::regex("(.*\\.)?(" + key + ")"));
+}
+
+/// Resolves rank_pattern / alpha_pattern for one module (first matching key wins) and clears them.
+template <class Config>
+Config resolve_patterns(const Config& in, std::string_view path) {
+  Config c = in;
+  c.rank_pattern.clear();
+  c.alpha_pattern.clear();
+  const std::string p(path);
+  for (const auto& [key, r] : in.rank_pattern)
+    if (pattern_matches(p, key)) { c.r = r; break; }
+  for (const auto& [key, a] : in.alpha_pattern)
+    if (pattern_matches(p, key)) { c.alpha = a; break; }
+  return c;
+}
+
+/// The checks LoHa and LoKr share; `who` names the config type in the message.
+template <class Config>
+void validate_common(const Config& c, const char* who) {
+  if (c.r <= 0) throw ConfigError(cat(who, ": r must be a positive integer, got ", c.r));
+  for (const auto& [k, v] : c.rank_pattern)
+    if (v <= 0) throw ConfigError(cat(who, ": rank_pattern['", k, "'] must be a positive integer, got ", v));
+  if (!std::isfinite(c.alpha)) throw ConfigError(cat(who, ": alpha must be finite, got ", c.alpha));
+  for (const auto& [k, v] : c.alpha_pattern)
+    if (!std::isfinite(v)) throw ConfigError(cat(who, ": alpha_pattern['", k, "'] must be finite, got ", v));
+  if (!(c.rank_dropout >= 0.0 && c.rank_dropout < 1.0))
+    throw ConfigError(cat(who, ": rank_dropout must be in [0, 1), got ", c.rank_dropout));
+  if (!(c.module_dropout >= 0.0 && c.module_dropout < 1.0))
+    throw ConfigError(cat(who, ": module_dropout must be in [0, 1), got ", c.module_dropout));
+}
+
+/// torch.nn.init.kaiming_uniform_(w, a=√5) of a 2-D tensor [rows, cols]: U(±1/√cols).
+template <class T>
+void kaiming_uniform(Generator& gen, T* w, Index rows, Index cols) {
+  const double bound = 1.0 / std::sqrt(double(cols));
+  gen.uniform(w, std::size_t(rows * cols), -bound, bound);
+}
+
+/// Dropout streams: one pair per (kind, slot), disjoint from LoRA's input-dropout streams (stream0 + slot).
+constexpr std::uint64_t rank_stream(std::uint64_t kind_tag, std::uint64_t stream0, int slot) {
+  return stream0 + (kind_tag << 32) + 2 * std::uint64_t(slot);
+}
+constexpr std::uint64_t module_stream(std::uint64_t kind_tag, std::uint64_t stream0, int slot) {
+  return rank_stream(kind_tag, stream0, slot) + 1;
+}
+
+/// PEFT's module dropout: the adapter runs unless `torch.rand(1) <= p` (train mode only).
+inline bool module_dropped(double p, std::uint64_t seed, std::uint64_t stream) {
+  return p > 0 && detail::uniform01(seed, stream, 0) <= p;
+}
+
+/// PEFT's rank-dropout mask over the n rows of ΔW: keep row i iff u_i > p; with `rescale` the mask is
+/// divided by its mean (LoHa always, LoKr with rank_dropout_scale). If every row is dropped the mask is
+/// all zero (PEFT divides 0 by 0 and gets NaN there).
+template <class T>
+void rank_dropout_mask(T* mask, Index n, double p, bool rescale, std::uint64_t seed, std::uint64_t stream) {
+  Index kept = 0;
+  for (Index i = 0; i < n; ++i) {
+    const bool keep = detail::uniform01(seed, stream, std::uint64_t(i)) > p;
+    mask[i] = keep ? T(1) : T(0);
+    kept += keep;
+  }
+  if (rescale && kept > 0) {
+    const T inv_mean = T(double(n) / double(kept));
+    for (Index i = 0; i < n; ++i) mask[i] *= inv_mean;
+  }
+}
+
+/// y[i, :] *= v[i] for every row i. (An element-wise op for the backend: v has y.rows elements.)
+template <class T>
+void scale_rows(MatrixView<T> y, const T* v) {
+  for (Index i = 0; i < y.rows; ++i) {
+    T* row = y.data + i * y.stride;
+    const T f = v[i];
+    for (Index j = 0; j < y.cols; ++j) row[j] *= f;
+  }
+}
+
+}  // namespace detail::lycoris
+
+/// LoHa's configuration with PEFT's names and defaults (`LoHaConfig`).
+struct LohaConfig {
+  int r = 8;
+  double alpha = 8;
+  /// Train mode: each row of ΔW is zeroed with this probability, the kept rows rescaled by 1/mean(keep).
+  double rank_dropout = 0.0;
+  /// Train mode: the whole adapter is skipped for one forward with this probability.
+  double module_dropout = 0.0;
+  /// Conv2d/Conv1d with kernel > 1 only (CP decomposition, hada_t1/hada_t2); ignored on Linear, as in PEFT.
+  bool use_effective_conv2d = false;
+  /// true (default): w1_a, w1_b, w2_a kaiming-uniform(a=√5), w2_b = 0, so the adapter starts as the
+  /// identity; false: all four kaiming-uniform (PEFT's reset_adapter_parameters_random).
+  bool init_weights = true;
+  /// Per-module overrides (PEFT's rank_pattern / alpha_pattern): key k applies to a module whose path
+  /// matches `(.*\.)?(k)$`; the first matching key wins.
+  std::vector<std::pair<std::string, int>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
+
+  /// PEFT's scaling: alpha / r.
+  static double scaling_for(double alpha, int r) { return alpha / double(r); }
+
+  /// The configuration for the module at `path` (patterns applied, then cleared). Validates the whole
+  /// config first, so a bad rank_pattern value is reported even where it does not match.
+  LohaConfig for_module(std::string_view path) const {
+    validate();
+    return detail::lycoris::resolve_patterns(*this, path);
+  }
+
+  /// Throws ConfigError naming the field for out-of-range values.
+  void validate() const { detail::lycoris::validate_common(*this, "LohaConfig"); }
+};
+
+/// One LoHa adapter: the four factors of ΔW ([rows, cols] = the base weight as a matrix, [out, in] for
+/// Linear; a Conv2d bank would use [out, in·kh·kw]), their gradients and the scaling.
+template <class T, class Backend>
+struct LohaAdapter {
+  template <class U>
+  using buffer = typename Backend::template buffer<U>;
+
+  LohaConfig config;  ///< the resolved per-layer config (patterns applied)
+  int r = 0;
+  T scaling = 0;
+  Index rows = 0, cols = 0;     ///< ΔW as a matrix: [out, in]
+  bool transposed = false;      ///< the base stores its weight [in, out] (Conv1D style): ΔW is written transposed
+  buffer<T> w1a, w1b, w2a, w2b;  ///< hada_w1_a [rows, r], hada_w1_b [r, cols], hada_w2_a [rows, r], hada_w2_b [r, cols]
+  buffer<T> grad_w1a, grad_w1b, grad_w2a, grad_w2b;
+  bool requires_grad = false;
+
+  MatrixView<T> hada_w1_a() { return w1a.view(rows, r); }
+  MatrixView<T> hada_w1_b() { return w1b.view(r, cols); }
+  MatrixView<T> hada_w2_a() { return w2a.view(rows, r); }
+  MatrixView<T> hada_w2_b() { return w2b.view(r, cols); }
+  ConstMatrixView<T> hada_w1_a() const { return w1a.view(rows, r); }
+  ConstMatrixView<T> hada_w1_b() const { return w1b.view(r, cols); }
+  ConstMatrixView<T> hada_w2_a() const { return w2a.view(rows, r); }
+  ConstMatrixView<T> hada_w2_b() const { return w2b.view(r, cols); }
+  MatrixView<T> grad_hada_w1_a() { return grad_w1a.view(rows, r); }
+  MatrixView<T> grad_hada_w1_b() { return grad_w1b.view(r, cols); }
+  MatrixView<T> grad_hada_w2_a() { return grad_w2a.view(rows, r); }
+  MatrixView<T> grad_hada_w2_b() { return grad_w2b.view(r, cols); }
+
+  /// Allocates the factors for a [rows, cols] weight matrix and initialises them as PEFT does.
+  void init(const LohaConfig& cfg, Index rows_, Index cols_, bool transposed_, Generator& gen) {
+    config = cfg;
+    r = cfg.r;
+    rows = rows_;
+    cols = cols_;
+    transposed = transposed_;
+    scaling = T(LohaConfig::scaling_for(cfg.alpha, cfg.r));
+    for (auto* b : {&w1a, &w2a, &grad_w1a, &grad_w2a}) b->resize(std::size_t(rows * r));
+    for (auto* b : {&w1b, &w2b, &grad_w1b, &grad_w2b}) b->resize(std::size_t(r * cols));
+    detail::lycoris::kaiming_uniform(gen, w1a.data(), rows, r);
+    detail::lycoris::kaiming_uniform(gen, w1b.data(), r, cols);
+    detail::lycoris::kaiming_uniform(gen, w2a.data(), rows, r);
+    if (!cfg.init_weights) detail::lycoris::kaiming_uniform(gen, w2b.data(), r, cols);  // else zero (resize zeroes)
+  }
+
+  /// out = alpha · (w1_a w1_b) ⊙ (w2_a w2_b) ([rows, cols]); `temp` is a [rows, cols] scratch.
+  void delta(typename Backend::template GemmScratch<T>& scratch, T alpha, MatrixView<T> out, MatrixView<T> temp) const {
+    Backend::template gemm<Trans::no, Trans::no>(scratch, alpha, hada_w1_a(), hada_w1_b(), T(0), temp);
+    Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), hada_w2_a(), hada_w2_b(), T(0), out);
+    Backend::mul(ConstMatrixView<T>(temp), out);
+  }
+  /// The same, transposed: out = alpha · (w1_a w1_b)ᵀ ⊙ (w2_a w2_b)ᵀ ([cols, rows]); `temp` is [cols, rows].
+  void delta_transposed(typename Backend::template GemmScratch<T>& scratch, T alpha, MatrixView<T> out, MatrixView<T> temp) const {
+    Backend::template gemm<Trans::yes, Trans::yes>(scratch, alpha, hada_w1_b(), hada_w1_a(), T(0), temp);
+    Backend::template gemm<Trans::yes, Trans::yes>(scratch, T(1), hada_w2_b(), hada_w2_a(), T(0), out);
+    Backend::mul(ConstMatrixView<T>(temp), out);
+  }
+  /// Factor gradients from g = ∂L/∂(P1 ⊙ P2) (s and the rank-dropout mask already applied), per `beta`
+  /// (0 overwrite, 1 accumulate): ∂P1 = g ⊙ P2 → dw1_a = ∂P1 w1_bᵀ, dw1_b = w1_aᵀ ∂P1; same for P2.
+  /// `temp` is a [rows, cols] scratch. This is PEFT's HadaWeight.backward.
+  void factor_grads(typename Backend::template GemmScratch<T>& scratch, ConstMatrixView<T> g, MatrixView<T> temp, T beta) {
+    Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), hada_w2_a(), hada_w2_b(), T(0), temp);
+    Backend::mul(g, temp);
+    Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), ConstMatrixView<T>(temp), hada_w1_b(), beta, grad_hada_w1_a());
+    Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), hada_w1_a(), ConstMatrixView<T>(temp), beta, grad_hada_w1_b());
+    Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), hada_w1_a(), hada_w1_b(), T(0), temp);
+    Backend::mul(g, temp);
+    Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), ConstMatrixView<T>(temp), hada_w2_b(), beta, grad_hada_w2_a());
+    Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), hada_w2_a(), ConstMatrixView<T>(temp), beta, grad_hada_w2_b());
+  }
+  /// Reserves the scratch for every product above.
+  void reserve(typename Backend::template GemmScratch<T>& scratch) const {
+    scratch.reserve_gemm(rows, cols, r);
+    scratch.reserve_gemm(rows, r, cols);
+    scratch.reserve_gemm(r, cols, rows);
+  }
+  void zero_grad() {
+    for (auto* b : {&grad_w1a, &grad_w1b, &grad_w2a, &grad_w2b}) b->zero();
+  }
+};
+
+template <class Base>
+class LohaBank;
+
+/// The LoHa adapter kind: `peft::Adapted<peft::Linear<float>, peft::Loha>` (or beside LoRA, LoKr, (IA)³).
+struct Loha {
+  using config_type = LohaConfig;
+  static constexpr const char* name = "loha";
+  template <class Base>
+  using bank = LohaBank<Base>;
+};
+
+/// LoHa adapters of one Linear layer, one slot per named adapter. An *additive* bank (as LoraBank):
+/// forward adds x ΔWᵀ of every active slot, with ΔW materialised in the context.
+template <class T, class Backend>
+class LohaBank<Linear<T, Backend>> {
+ public:
+  using base_type = Linear<T, Backend>;
+  using adapter_type = LohaAdapter<T, Backend>;
+  using Scratch = typename Backend::template GemmScratch<T>;
+  template <class U>
+  using buffer = typename Backend::template buffer<U>;
+  static constexpr std::uint64_t stream_tag = 0x4C6F4861;  // "LoHa"
+
+  struct Context {
+    struct Slot {
+      buffer<T> delta;  ///< ΔW as the last forward used it (scaled, rank-dropout mask applied), [out, in]
+      buffer<T> mask;   ///< rank-dropout row mask [out] (only when rank_dropout > 0)
+      bool masked = false;
+    };
+    std::vector<Slot> slots;
+    std::vector<int> ran;      ///< slots that contributed to the last forward
+    std::vector<int> skipped;  ///< active slots skipped by module dropout in the last forward
+    buffer<T> grad_delta;      ///< ∂L/∂(P1 ⊙ P2), [out, in], shared by the slots
+    buffer<T> temp;            ///< [out, in] scratch, shared
+  };
+
+  std::size_t size() const noexcept { return adapters_.size(); }
+  adapter_type& at(int slot) { return adapters_[std::size_t(slot)]; }
+  const adapter_type& at(int slot) const { return adapters_[std::size_t(slot)]; }
+
+  int add(const base_type& base, const LohaConfig& cfg, Generator& gen, std::string_view) {
+    cfg.validate();
+    adapter_type a;
+    a.init(cfg, base.out_features(), base.in_features(), base.layout() == WeightLayout::in_out, gen);
+    adapters_.push_back(std::move(a));
+    return int(adapters_.size() - 1);
+  }
+  void remove(int slot) { adapters_.erase(adapters_.begin() + slot); }
+
+  void make_context(Context& ctx, Scratch& scratch, Index max_batch) const {
+    ctx.slots.resize(adapters_.size());
+    ctx.ran.reserve(adapters_.size());
+    ctx.skipped.reserve(adapters_.size());
+    if (adapters_.empty()) return;
+    const Index out = adapters_.front().rows, in = adapters_.front().cols;
+    ctx.grad_delta.resize(std::size_t(out * in));
+    ctx.temp.resize(std::size_t(out * in));
+    for (std::size_t i = 0; i < adapters_.size(); ++i) {
+      const auto& a = adapters_[i];
+      auto& s = ctx.slots[i];
+      s.delta.resize(std::size_t(out * in));
+      if (a.config.rank_dropout > 0) s.mask.resize(std::size_t(out));
+      a.reserve(scratch);
+    }
+    scratch.reserve_gemm(max_batch, out, in);  // y += x ΔWᵀ
+    scratch.reserve_gemm(out, in, max_batch);  // dyᵀ x
+    scratch.reserve_gemm(max_batch, in, out);  // dx += dy ΔW
+  }
+
+  /// y += Σ_{active} x ΔWᵀ. In train mode (`dropout_on`), module dropout may skip a slot and rank dropout
+  /// masks the rows of ΔW, with masks drawn from (seed, stream).
+  void forward(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T> x, MatrixView<T> y, bool dropout_on,
+               std::uint64_t seed, std::uint64_t stream0) const {
+    ctx.ran.clear();
+    ctx.skipped.clear();
+    for (int slot : active) {
+      const auto& a = adapters_[std::size_t(slot)];
+      if (dropout_on && detail::lycoris::module_dropped(a.config.module_dropout, seed, detail::lycoris::module_stream(stream_tag, stream0, slot))) {
+        ctx.skipped.push_back(slot);
+        continue;
+      }
+      ctx.ran.push_back(slot);
+      auto& s = ctx.slots[std::size_t(slot)];
+      auto delta = s.delta.view(a.rows, a.cols);
+      a.delta(scratch, a.scaling, delta, ctx.temp.view(a.rows, a.cols));
+      s.masked = dropout_on && a.config.rank_dropout > 0;
+      if (s.masked) {
+        detail::lycoris::rank_dropout_mask(s.mask.data(), a.rows, a.config.rank_dropout, /*rescale=*/true, seed,
+                                           detail::lycoris::rank_stream(stream_tag, stream0, slot));
+        detail::lycoris::scale_rows(delta, s.mask.data());
+      }
+      Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), x, ConstMatrixView<T>(delta), T(1), y);
+    }
+  }
+
+  /// dx += dy ΔW for every slot that ran; trainable slots get their factor gradients per `mode` from
+  /// ∂L/∂ΔW = dyᵀ x. A trainable slot skipped by module dropout gets zero gradients in overwrite mode.
+  void backward(Context& ctx, Scratch& scratch, ConstMatrixView<T> x, ConstMatrixView<T> dy, MatrixView<T> dx, GradMode mode,
+                std::uint64_t) {
+    const T beta = mode == GradMode::accumulate ? T(1) : T(0);
+    for (int slot : ctx.skipped) {
+      auto& a = adapters_[std::size_t(slot)];
+      if (a.requires_grad && mode == GradMode::overwrite) a.zero_grad();
+    }
+    for (int slot : ctx.ran) {
+      auto& a = adapters_[std::size_t(slot)];
+      auto& s = ctx.slots[std::size_t(slot)];
+      if (a.requires_grad) {
+        auto g = ctx.grad_delta.view(a.rows, a.cols);
+        Backend::template gemm<Trans::yes, Trans::no>(scratch, a.scaling, dy, x, T(0), g);  // s · dyᵀ x
+        if (s.masked) detail::lycoris::scale_rows(g, s.mask.data());
+        a.factor_grads(scratch, ConstMatrixView<T>(g), ctx.temp.view(a.rows, a.cols), beta);
+      }
+      if (!dx.empty())
+        Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), dy, ConstMatrixView<T>(s.delta.view(a.rows, a.cols)), T(1), dx);
+    }
+  }
+
+  /// W += sign · ΔW in the base weight's layout (the bias is unchanged, as in PEFT).
+  void apply_delta(int slot, base_type& base, T sign) const {
+    Scratch scratch;
+    write_delta(slot, scratch, base.weight(), sign, T(1));
+  }
+  /// w ← w + ΔW (safe merging computes the merged weight in a copy first).
+  void merge_preview(int slot, Scratch& scratch, MatrixView<T> w) const { write_delta(slot, scratch, w, T(1), T(1)); }
+
+  /// out = sign · ΔW + beta · out, in the base layout ([out, in], or [in, out] for a Conv1D-style base).
+  /// Allocates two temporaries (merge time, not the hot path).
+  void write_delta(int slot, Scratch& scratch, MatrixView<T> out, T sign, T beta) const {
+    const auto& a = adapters_[std::size_t(slot)];
+    const Index rows = a.transposed ? a.cols : a.rows, cols = a.transposed ? a.rows : a.cols;
+    require_shape(out, rows, cols, "LoHa write_delta: out");
+    buffer<T> d(std::size_t(rows * cols)), t(std::size_t(rows * cols));
+    if (!a.transposed) {
+      a.reserve(scratch);
+      a.delta(scratch, sign * a.scaling, d.view(rows, cols), t.view(rows, cols));
+    } else {
+      scratch.reserve_gemm(rows, cols, a.r);
+      a.delta_transposed(scratch, sign * a.scaling, d.view(rows, cols), t.view(rows, cols));
+    }
+    Backend::axpby(T(1), ConstMatrixView<T>(d.view(rows, cols)), beta, out);
+  }
+
+  template <class F>
+  void visit_parameters(int slot, std::string_view name, F&& f) {
+    auto& a = adapters_[std::size_t(slot)];
+    const std::string n(name);
+    f(ParamRef<T>{"hada_w1_a." + n, a.w1a.data(), a.grad_w1a.data(), a.w1a.size(), a.requires_grad});
+    f(ParamRef<T>{"hada_w1_b." + n, a.w1b.data(), a.grad_w1b.data(), a.w1b.size(), a.requires_grad});
+    f(ParamRef<T>{"hada_w2_a." + n, a.w2a.data(), a.grad_w2a.data(), a.w2a.size(), a.requires_grad});
+    f(ParamRef<T>{"hada_w2_b." + n, a.w2b.data(), a.grad_w2b.data(), a.w2b.size(), a.requires_grad});
+  }
+  void set_requires_grad(int slot, bool on) { adapters_[std::size_t(slot)].requires_grad = on; }
+  void zero_grad(int slot) { adapters_[std::size_t(slot)].zero_grad(); }
+
+ private:
+  std::vector<adapter_type> adapters_;
+};
+
+/// The LoHa adapter `name` of an adapted layer (factors, gradients, scaling).
+template <class Layer>
+auto& loha_adapter(Layer& layer, const std::string& name) {
+  return layer.template adapter<Loha>(name);
+}
+
+}  // namespace peft
