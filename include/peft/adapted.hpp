@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -24,6 +25,12 @@
 namespace peft {
 
 namespace detail {
+/// A process-wide counter: every layer and every change of its adapters gets a value no other layer has,
+/// so a context is only ever accepted by the layer (and adapter set) it was made for.
+inline std::uint64_t next_generation() {
+  static std::atomic<std::uint64_t> counter{1};
+  return counter.fetch_add(1, std::memory_order_relaxed);
+}
 template <class F, std::size_t... I>
 constexpr void for_each_index(F&& f, std::index_sequence<I...>) {
   (f(std::integral_constant<std::size_t, I>{}), ...);
@@ -69,10 +76,19 @@ class Adapted {
     std::tuple<typename Kinds::template bank<Base>::Context...> banks;
     std::uint64_t generation = 0;
     std::uint64_t seed = 0;
+    std::uint64_t merge_state = 0;  ///< the layer's merge state at forward time
   };
 
   Adapted() = default;
   explicit Adapted(Base base, std::string module_path = {}) : base_(std::move(base)), path_(std::move(module_path)) {}
+  // a copy is a different layer: contexts of the original are not valid for it
+  Adapted(const Adapted& o) : Adapted(o, 0) {}
+  Adapted(Adapted&&) noexcept = default;
+  Adapted& operator=(const Adapted& o) {
+    if (this != &o) *this = Adapted(o);
+    return *this;
+  }
+  Adapted& operator=(Adapted&&) noexcept = default;
 
   Base& base() noexcept { return base_; }
   const Base& base() const noexcept { return base_; }
@@ -93,10 +109,14 @@ class Adapted {
     constexpr std::size_t k = detail::kind_index_of<Config, Kinds...>();
     static_assert(k < num_kinds, "this Adapted layer has no adapter kind for this config type");
     check_new_name(name);
+    if constexpr (requires { config.use_dora; }) {
+      if (config.use_dora && k > 0)
+        throw ConfigError(detail::cat("add_adapter('", name, "'): DoRA rescales the outputs of the adapter kinds declared before Lora; declare Lora first, e.g. Adapted<Base, Lora, Loha>"));
+    }
     const int slot = std::get<k>(banks_).add(base_, config.for_module(path_), gen, name);
     entries_.push_back({name, k, slot});
     if (!seed_set_) seed_ = detail::mix64(gen.seed() ^ detail::mix64(gen.next_stream()));  // layers differ in their masks
-    ++generation_;
+    generation_ = detail::next_generation();
     if (entries_.size() == 1) set_adapter(name);
   }
 
@@ -110,12 +130,13 @@ class Adapted {
     entries_.erase(it);
     for (auto& o : entries_)
       if (o.kind == e.kind && o.slot > e.slot) --o.slot;
+    const bool was_active = std::find(active_.begin(), active_.end(), name) != active_.end();
     std::erase(active_, name);
-    if (active_.empty() && !entries_.empty()) {
+    generation_ = detail::next_generation();
+    if (was_active && active_.empty() && !entries_.empty()) {  // PEFT: the alphabetically first remaining one
       auto first = std::min_element(entries_.begin(), entries_.end(), [](auto& a, auto& b) { return a.name < b.name; });
-      active_.push_back(first->name);
+      set_adapter(first->name);  // active and trainable
     }
-    ++generation_;
     refresh();
   }
 
@@ -180,6 +201,7 @@ class Adapted {
   /// that is already merged is a StateError. With `safe_merge`, the merged weight is checked for NaN/Inf
   /// first and nothing is changed if any appears (PEFT's safe_merge).
   void merge(std::optional<std::vector<std::string>> names = std::nullopt, bool safe_merge = false) {
+    if (!enabled_) throw StateError("merge: adapters are disabled; enable_adapters() first (a disabled layer gives the base output exactly)");
     const auto list = names ? *names : active_;
     for (const auto& n : list) {
       find(n);
@@ -281,6 +303,7 @@ class Adapted {
     check_context(ctx, "forward");
     base_.check_io(ctx.base, x, y, "Adapted.forward");
     bind_base();
+    ctx.merge_state = merge_state_;
     ctx.seed = detail::random_bits(seed_, 0x5EEDull, forwards_++);  // distinct for every (seed, forward count)
     // 1. input-scaling adapters ((IA)³ on feed-forward layers): the base and additive adapters see x ⊙ l
     input_type xin = x;
@@ -311,6 +334,8 @@ class Adapted {
     bind_base();
     if (!merged_.empty())
       throw StateError(detail::cat("Adapted.backward: adapter '", merged_.front(), "' is merged into the base weight; unmerge before training"));
+    if (ctx.merge_state != merge_state_)
+      throw StateError("Adapted.backward: adapters were merged, unmerged, enabled or disabled since this forward; run forward again");
     // reverse order of forward: output scaling, then base and additive adapters, then input scaling
     ConstMatrixView<T> dyin = dy;
     each_kind([&](auto& bank, auto& bctx, const auto&) {
@@ -329,6 +354,11 @@ class Adapted {
     const bool base_accumulates = !scaled_input && input == GradMode::accumulate;
     base_.backward_input(ctx.base, dyin, dxin, base_accumulates ? T(1) : T(0));
     if (base_.requires_grad()) base_.backward_params(ctx.base, ctx.base.x, dyin, params == GradMode::accumulate ? T(1) : T(0));
+    if (params == GradMode::overwrite)  // the contract: overwrite assigns every adapter gradient, also of those that did not run
+      each_kind([&](auto& bank, auto& bctx, const auto&) {
+        for (std::size_t s = 0; s < bank.size(); ++s)
+          if (std::find(bctx.ran.begin(), bctx.ran.end(), int(s)) == bctx.ran.end()) bank.zero_grad(int(s));
+      }, ctx);
     each_kind([&](auto& bank, auto& bctx, const auto&) {
       if constexpr (requires { bank.backward(bctx, ctx.base.scratch, ctx.base.x, dyin, dxin, params, ctx.seed); })
         bank.backward(bctx, ctx.base.scratch, ctx.base.x, dyin, dxin, params, ctx.seed);
@@ -350,6 +380,11 @@ class Adapted {
   }
 
  private:
+  Adapted(const Adapted& o, int)
+      : base_(o.base_), path_(o.path_), banks_(o.banks_), entries_(o.entries_), active_(o.active_), merged_(o.merged_),
+        active_slots_(o.active_slots_), enabled_(o.enabled_), training_(o.training_), seed_(o.seed_), seed_set_(o.seed_set_),
+        forwards_(o.forwards_), merge_state_(o.merge_state_) {}
+
   struct Entry {
     std::string name;
     std::size_t kind;
@@ -405,6 +440,7 @@ class Adapted {
 
   /// Recomputes the slots each kind runs in forward: active, enabled and not merged.
   void refresh() {
+    ++merge_state_;
     for (auto& v : active_slots_) v.clear();
     if (!enabled_) return;
     for (const auto& n : active_) {
@@ -427,10 +463,11 @@ class Adapted {
   std::array<std::vector<int>, sizeof...(Kinds)> active_slots_;
   bool enabled_ = true;
   bool training_ = true;
-  std::uint64_t generation_ = 1;
+  std::uint64_t generation_ = detail::next_generation();
   std::uint64_t seed_ = 0;
   bool seed_set_ = false;
   std::uint64_t forwards_ = 0;
+  std::uint64_t merge_state_ = 0;
 };
 
 }  // namespace peft

@@ -22,6 +22,11 @@ struct Conv2dGeometry {
   Index in_size() const noexcept { return in_channels * in_h * in_w; }          ///< one input image, C·H·W
   Index out_size() const noexcept { return out_channels * positions(); }        ///< one output image, O·Ho·Wo
 
+  bool same_as(const Conv2dGeometry& o) const noexcept {
+    return in_channels == o.in_channels && out_channels == o.out_channels && kernel_h == o.kernel_h && kernel_w == o.kernel_w &&
+           stride_h == o.stride_h && stride_w == o.stride_w && pad_h == o.pad_h && pad_w == o.pad_w && dilation_h == o.dilation_h &&
+           dilation_w == o.dilation_w && in_h == o.in_h && in_w == o.in_w;
+  }
   /// Throws ShapeError naming the field when the geometry is impossible.
   void validate(const char* where) const {
     if (in_channels <= 0 || out_channels <= 0) throw ShapeError(detail::cat(where, ": channels must be positive, got ", in_channels, " -> ", out_channels));

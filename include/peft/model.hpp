@@ -170,16 +170,18 @@ void zero_grad(Model& model) {
 }
 
 /// Activates adapter `name` on every adapted layer that has it; throws AdapterError if none has it.
+/// As PEFT's PeftModel.set_adapter: merged adapters are unmerged first; layers without that adapter run
+/// none (their active set becomes empty), so adapters of different names never mix.
 template <class Model>
 void set_adapter(Model& model, const std::string& name, bool inference_mode = false) {
   bool found = false;
-  for_each_adapted_layer(model, [&](auto& layer) {
-    if (layer.has_adapter(name)) {
-      layer.set_adapter(name, inference_mode);
-      found = true;
-    }
-  });
+  for_each_adapted_layer(model, [&](auto& layer) { found = found || layer.has_adapter(name); });
   if (!found) throw AdapterError(detail::cat("set_adapter: no layer of the model has an adapter named '", name, "'"));
+  for_each_adapted_layer(model, [&](auto& layer) {
+    layer.unmerge();
+    if (layer.has_adapter(name)) layer.set_adapter(name, inference_mode);
+    else layer.set_adapter(std::vector<std::string>{}, inference_mode);
+  });
 }
 
 /// Freezes (false) or unfreezes (true) the base weights of every layer: plain layers and the base layer

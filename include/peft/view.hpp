@@ -86,6 +86,17 @@ using ConstMatrixView = MatrixView<const T>;
 template <class T>
 constexpr MatrixView<T> view(T* data, Index rows, Index cols) { return MatrixView<T>(data, rows, cols); }
 
+/// Whether the memory spans of two views intersect.
+template <class A, class B>
+bool overlaps(const MatrixView<A>& a, const MatrixView<B>& b) noexcept {
+  if (a.empty() || b.empty()) return false;
+  const auto* a0 = reinterpret_cast<const char*>(a.data);
+  const auto* a1 = reinterpret_cast<const char*>(a.data + (a.rows - 1) * a.stride + a.cols);
+  const auto* b0 = reinterpret_cast<const char*>(b.data);
+  const auto* b1 = reinterpret_cast<const char*>(b.data + (b.rows - 1) * b.stride + b.cols);
+  return a0 < b1 && b0 < a1;
+}
+
 /// Throws ShapeError unless `v` is [rows, cols]; `what` names the tensor in the message.
 template <class T>
 void require_shape(const MatrixView<T>& v, Index rows, Index cols, std::string_view what) {

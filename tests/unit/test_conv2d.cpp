@@ -197,3 +197,13 @@ TEST_CASE("conv2d: bad input gets a clear exception", "[conv2d][errors]") {
   l.forward(ctx2, x3, y3);  // a new input size works after make_context
   REQUIRE_THROWS_WITH(l.forward(ctx, x3, y3), Catch::Contains("another input size"));
 }
+
+TEST_CASE("conv2d: a context made for another geometry is refused even when the sizes agree", "[conv2d][errors]") {
+  Generator gen(1);
+  LoraConv<float> l(Conv2d<float>(geo(3, 4, 3, 1, 1, 1, 8, 16), true, gen));
+  l.add_adapter("default", LoraConfig{}, gen);
+  auto ctx = l.make_context(1);
+  l.base().set_input_size(16, 8);  // same C·H·W and Ho·Wo, transposed
+  Mat<float> x(1, 3 * 16 * 8), y(1, 4 * 16 * 8);
+  REQUIRE_THROWS_WITH(l.forward(ctx, x, y), Catch::Contains("another input size"));
+}

@@ -185,3 +185,22 @@ TEST_CASE("linear: frozen by default, copies of owned layers are deep, borrowed 
   auto ctx = c.make_context(1);
   REQUIRE_THROWS_WITH(c.backward(ctx, y, x), Catch::Contains("no forward pass"));
 }
+
+TEST_CASE("contexts: one context serves every batch size up to max_batch, on both GEMM routes", "[core][gemm][context]") {
+  // Eigen's block sizes are not monotonic in the batch; the context must still suffice for every size
+  Generator g(2);
+  Adapted<Linear<float>, Lora> l(Linear<float>(300, 260, true, g));
+  LoraConfig c;
+  c.r = 8;
+  c.init_lora_weights = LoraInit::off;
+  l.add_adapter("default", c, g);
+  l.base().set_requires_grad(true);
+  auto ctx = l.make_context(320);
+  for (Index m : {1, 7, 31, 32, 33, 64, 255, 256, 257, 288, 289, 300, 319, 320}) {
+    CAPTURE(m);
+    const Mat<float> x = random_mat<float>(m, 300, 1), dy = random_mat<float>(m, 260, 2);
+    Mat<float> y(m, 260), dx(m, 300);
+    REQUIRE_NOTHROW(l.forward(ctx, x, y));
+    REQUIRE_NOTHROW(l.backward(ctx, dy, dx));
+  }
+}

@@ -186,3 +186,20 @@ TEST_CASE("embedding: bad input gets a clear exception", "[embedding][errors]") 
   REQUIRE_THROWS_WITH(l.add_adapter("f", c, g), Catch::Contains("fan_in_fan_out does not apply"));
   REQUIRE_THROWS_WITH(Embedding<float>(12, 5, g, 12), Catch::Contains("padding_idx 12 is out of range"));
 }
+
+TEST_CASE("lora on embedding: no gradient reaches padding_idx's column of A (as F.embedding)", "[embedding][lora]") {
+  Generator g(1);
+  LoraEmbedding<double> l(Embedding<double>(10, 4, g, /*padding_idx=*/0));
+  LoraConfig c;
+  c.r = 2;
+  c.init_lora_weights = LoraInit::off;
+  l.add_adapter("default", c, g);
+  const std::vector<std::int64_t> ids = {0, 1, 0};
+  auto ctx = l.make_context(3);
+  Mat<double> y(3, 4);
+  l.forward(ctx, ids, y);
+  l.backward(ctx, random_mat<double>(3, 4, 2), {}, GradMode::overwrite);
+  const auto gA = as_mat(lora_adapter(l, "default").grad_A());
+  CHECK(gA.col(0).isZero());
+  CHECK(gA.col(1).cwiseAbs().maxCoeff() > 0);
+}

@@ -448,8 +448,61 @@ TEST_CASE("lora: bad input gets a clear exception", "[lora][errors]") {
     REQUIRE_THROWS_WITH(l.backward(ctx, dy, dx), Catch::Contains("merged into the base weight"));
     REQUIRE_THROWS_WITH(l.delete_adapter("default"), Catch::Contains("is merged"));
     l.unmerge();
+    l.forward(ctx, x, y);  // a forward with the same merge state as its backward
     l.backward(ctx, dy, dx);
     l.add_adapter("second", cfg, g);
     REQUIRE_THROWS_WITH(l.forward(ctx, x, y), Catch::Contains("call make_context() again"));
+  }
+}
+
+TEST_CASE("lora: state and aliasing traps are refused, and overwrite assigns every gradient", "[lora][errors][state]") {
+  Generator g(1);
+  LoraConfig cfg;
+  cfg.r = 2;
+  cfg.init_lora_weights = LoraInit::off;
+  LoraLinear<float> a(Linear<float>(4, 4, true, g)), b(Linear<float>(4, 4, true, g));
+  a.add_adapter("default", cfg, g);
+  b.add_adapter("default", cfg, g);
+  auto ctx_a = a.make_context(2);
+  Mat<float> x = random_mat<float>(2, 4, 1), y(2, 4), dy = random_mat<float>(2, 4, 2), dx(2, 4);
+  SECTION("a context belongs to the layer it was made for, also after a copy") {
+    REQUIRE_THROWS_WITH(b.forward(ctx_a, x, y), Catch::Contains("make_context() again"));
+    LoraLinear<float> c = a;
+    REQUIRE_THROWS_WITH(c.forward(ctx_a, x, y), Catch::Contains("make_context() again"));
+  }
+  SECTION("dx may not alias dy or the saved input") {
+    a.forward(ctx_a, x, y);
+    REQUIRE_THROWS_WITH(a.backward(ctx_a, dy, dy), Catch::Contains("dx overlaps dy"));
+    REQUIRE_THROWS_WITH(a.backward(ctx_a, dy, x), Catch::Contains("dx overlaps dy or the saved input"));
+  }
+  SECTION("merging between forward and backward, or while disabled, is refused") {
+    a.forward(ctx_a, x, y);
+    a.merge();
+    a.unmerge();
+    REQUIRE_THROWS_WITH(a.backward(ctx_a, dy, dx), Catch::Contains("run forward again"));
+    a.disable_adapters();
+    REQUIRE_THROWS_WITH(a.merge(), Catch::Contains("adapters are disabled"));
+  }
+  SECTION("deleting the active adapter activates the first remaining one, trainable") {
+    a.add_adapter("zz", cfg, g);
+    a.add_adapter("mm", cfg, g);
+    a.delete_adapter("default");
+    CHECK(a.active_adapters() == std::vector<std::string>{"mm"});
+    CHECK(lora_adapter(a, "mm").requires_grad);
+    CHECK_FALSE(lora_adapter(a, "zz").requires_grad);
+    a.delete_adapter("zz");  // not active: the active set is untouched
+    CHECK(a.active_adapters() == std::vector<std::string>{"mm"});
+  }
+  SECTION("overwrite mode zeroes the gradients of adapters that did not run") {
+    a.add_adapter("other", cfg, g);
+    a.set_adapter(std::vector<std::string>{"default", "other"});
+    a.forward(ctx_a = a.make_context(2), x, y);
+    a.backward(ctx_a, dy, dx, GradMode::overwrite);
+    CHECK(as_mat(lora_adapter(a, "other").grad_A()).cwiseAbs().maxCoeff() > 0);
+    a.set_adapter("default");
+    a.set_requires_grad("other", true);  // trainable, but inactive: its gradient must not be last step's
+    a.forward(ctx_a, x, y);
+    a.backward(ctx_a, dy, dx, GradMode::overwrite);
+    CHECK(as_mat(lora_adapter(a, "other").grad_A()).isZero());
   }
 }

@@ -38,6 +38,7 @@ class LoraBank<Embedding<T, Backend>> {
     if (cfg.use_dora) throw ConfigError(detail::cat("LoRA adapter '", name, "': use_dora (DoRA) is not implemented on an embedding yet"));
     if (cfg.fan_in_fan_out) throw ConfigError(detail::cat("LoRA adapter '", name, "': fan_in_fan_out does not apply to an embedding"));
     if (cfg.lora_bias) throw ConfigError(detail::cat("LoRA adapter '", name, "': lora_bias is not supported on an embedding (as in PEFT)"));
+    padding_idx_ = base.padding_idx().value_or(-1);
     adapter_type a;
     a.config = cfg;
     a.r = cfg.r;
@@ -100,7 +101,7 @@ class LoraBank<Embedding<T, Backend>> {
       Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), dy, a.B(), T(0), g);
       Backend::template gemm<Trans::yes, Trans::no>(scratch, a.scaling, dy, ConstMatrixView<T>(s.t.view(n, a.r)), beta, a.grad_B());
       Backend::scale(a.grad_A(), beta);
-      Backend::scatter_add_cols(ConstMatrixView<T>(g), ids.data(), a.scaling, a.grad_A());
+      Backend::scatter_add_cols(ConstMatrixView<T>(g), ids.data(), a.scaling, a.grad_A(), padding_idx_);  // as F.embedding(padding_idx)
     }
   }
 
@@ -131,6 +132,7 @@ class LoraBank<Embedding<T, Backend>> {
 
  private:
   std::vector<adapter_type> adapters_;
+  std::int64_t padding_idx_ = -1;
 };
 
 }  // namespace peft

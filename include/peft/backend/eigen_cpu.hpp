@@ -119,8 +119,14 @@ struct EigenCpu {
     HostBuffer<T> data;
     /// Grows the scratch so that a [m, n] x k product fits. Allocates; call at context creation only.
     void reserve_gemm(Index m, Index n, Index k) {
-      if (m <= 0 || n <= 0 || k <= 0 || detail::use_blas(m, n, k)) return;
-      const auto need = detail::ScratchBlocking<T>(m, n, k).required();
+      if (m <= 0 || n <= 0 || k <= 0) return;
+      // Reserved for the Eigen route even when this shape goes to OpenBLAS: a smaller batch may not.
+      // Eigen's block sizes are not monotonic in the dimensions (kc is cut once k passes its cap), and any
+      // one of m, n, k may be the batch, so take the maximum over every smaller size of each dimension.
+      std::size_t need = 0;
+      for (Index v = 1; v <= m; ++v) need = std::max(need, detail::ScratchBlocking<T>(v, n, k).required());
+      for (Index v = 1; v <= n; ++v) need = std::max(need, detail::ScratchBlocking<T>(m, v, k).required());
+      for (Index v = 1; v <= k; ++v) need = std::max(need, detail::ScratchBlocking<T>(m, n, v).required());
       if (need > data.size()) data.resize(need);
     }
   };
@@ -248,9 +254,10 @@ struct EigenCpu {
   /// a[k, ids[i]] += alpha · src[i, k] (the scatter that matches gather_cols).
   template <class T>
   static void scatter_add_cols(std::type_identity_t<ConstMatrixView<T>> src, const std::int64_t* ids, std::type_identity_t<T> alpha,
-                               MatrixView<T> a) {
+                               MatrixView<T> a, std::int64_t skip = -1) {
     for (Index i = 0; i < src.rows; ++i)
-      for (Index k = 0; k < src.cols; ++k) a(k, Index(ids[i])) += alpha * src(i, k);
+      if (ids[i] != skip)
+        for (Index k = 0; k < src.cols; ++k) a(k, Index(ids[i])) += alpha * src(i, k);
   }
   /// cols [C·kh·kw, Ho·Wo] = the patches of one image x [C·H·W] (zero outside the padded border).
   template <class T>

@@ -31,6 +31,7 @@ class Conv2d {
     bool has_forward = false;
     typename Backend::template GemmScratch<T> scratch;
     typename Backend::template buffer<T> cols;  ///< im2col of one image, [C·kh·kw, Ho·Wo]
+    Conv2dGeometry geo;                         ///< the geometry the context was made for
   };
 
   Conv2d() = default;
@@ -53,6 +54,7 @@ class Conv2d {
     require_shape(weight, g.out_channels, g.patch(), "Conv2d::borrow: weight");
     c.weight_ = detail::ParamStorage<T, Backend>::borrowed(weight);
     if (!bias.empty()) {
+      if (!bias.contiguous() && !(bias.cols == 1 && bias.stride == 1)) throw ShapeError("Conv2d::borrow: the bias view must be contiguous");
       if (bias.size() != g.out_channels)
         throw ShapeError(detail::cat("Conv2d::borrow: bias has ", bias.size(), " elements, expected out_channels = ", g.out_channels));
       c.bias_ = detail::ParamStorage<T, Backend>::borrowed(MatrixView<T>(bias.data, 1, bias.size()));
@@ -96,6 +98,7 @@ class Conv2d {
     if (max_batch <= 0) throw ShapeError(detail::cat("Conv2d::make_context: max_batch must be positive, got ", max_batch));
     Context ctx;
     ctx.max_batch = max_batch;
+    ctx.geo = geo_;
     ctx.cols.resize(std::size_t(geo_.patch() * geo_.positions()));
     const Index o = geo_.out_channels, k = geo_.patch(), p = geo_.positions();
     ctx.scratch.reserve_gemm(o, p, k);  // forward
@@ -159,8 +162,9 @@ class Conv2d {
                                    geo_.in_w, " = ", in_features()));
     if (x.rows > ctx.max_batch)
       throw ShapeError(detail::cat(where, ": batch ", x.rows, " exceeds the context's max_batch ", ctx.max_batch));
-    if (ctx.cols.size() != std::size_t(geo_.patch() * geo_.positions()))
+    if (!ctx.geo.same_as(geo_))
       throw StateError(detail::cat(where, ": the context was made for another input size; call make_context() again"));
+    if (overlaps(x, y)) throw ShapeError(detail::cat(where, ": y overlaps x"));
     if (y.rows != x.rows || y.cols != out_features())
       throw ShapeError(detail::cat(where, ": y: expected shape [", x.rows, ", ", out_features(), "] (O·Ho·Wo = ", geo_.out_channels, "·", geo_.out_h(),
                                    "·", geo_.out_w(), "), got [", y.rows, ", ", y.cols, "]"));
@@ -171,6 +175,7 @@ class Conv2d {
       throw ShapeError(detail::cat(where, ": dy: expected shape [", ctx.x.rows, ", ", out_features(), "], got [", dy.rows, ", ", dy.cols, "]"));
     if (!dx.empty() && (dx.rows != ctx.x.rows || dx.cols != in_features()))
       throw ShapeError(detail::cat(where, ": dx: expected shape [", ctx.x.rows, ", ", in_features(), "], got [", dx.rows, ", ", dx.cols, "]"));
+    if (overlaps(dx, dy) || overlaps(dx, ctx.x)) throw ShapeError(detail::cat(where, ": dx overlaps dy or the saved input x"));
   }
 
   template <class F>

@@ -113,6 +113,8 @@ class Linear {
     if (weight.empty()) throw ShapeError("Linear::borrow: the weight view is empty");
     l.weight_ = detail::ParamStorage<T, Backend>::borrowed(weight);
     if (!bias.empty()) {
+      if (!bias.contiguous() && !(bias.cols == 1 && bias.stride == 1))
+        throw ShapeError("Linear::borrow: the bias view must be contiguous");
       if (bias.size() != l.out_features())
         throw ShapeError(detail::cat("Linear::borrow: bias has ", bias.size(), " elements, expected out_features = ", l.out_features()));
       l.bias_ = detail::ParamStorage<T, Backend>::borrowed(MatrixView<T>(bias.data, 1, bias.size()));
@@ -208,6 +210,7 @@ class Linear {
       throw ShapeError(detail::cat(where, ": dy: expected shape [", ctx.x.rows, ", ", out_features(), "], got [", dy.rows, ", ", dy.cols, "]"));
     if (!dx.empty() && (dx.rows != ctx.x.rows || dx.cols != in_features()))
       throw ShapeError(detail::cat(where, ": dx: expected shape [", ctx.x.rows, ", ", in_features(), "], got [", dx.rows, ", ", dx.cols, "]"));
+    if (overlaps(dx, dy) || overlaps(dx, ctx.x)) throw ShapeError(detail::cat(where, ": dx overlaps dy or the saved input x"));
   }
   void check_io(const Context& ctx, ConstMatrixView<T> x, ConstMatrixView<T> y, const char* where) const {
     if (x.cols != in_features())
@@ -216,8 +219,7 @@ class Linear {
       throw ShapeError(detail::cat(where, ": batch ", x.rows, " exceeds the context's max_batch ", ctx.max_batch, "; make the context with a larger max_batch"));
     if (y.rows != x.rows || y.cols != out_features())  // the message is built only on failure: no allocation otherwise
       throw ShapeError(detail::cat(where, ": y: expected shape [", x.rows, ", ", out_features(), "], got [", y.rows, ", ", y.cols, "]"));
-    if (x.data && y.data && x.data < y.data + y.rows * y.stride && y.data < x.data + x.rows * x.stride)
-      throw ShapeError(detail::cat(where, ": y overlaps x"));
+    if (overlaps(x, y)) throw ShapeError(detail::cat(where, ": y overlaps x"));
   }
 
   /// Visits the layer's parameters as ParamRef (names "weight", "bias"); trainable iff requires_grad().
