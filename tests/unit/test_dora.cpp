@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "layer_check.hpp"
+#include "reference.hpp"
 
 using namespace peft;
 using namespace peft::test;
@@ -471,32 +472,14 @@ TEST_CASE("dora: bad input gets a clear exception, and a relocated layer does no
 
 namespace {
 
-json load(const std::string& file) {
-  std::ifstream in(std::string(PEFT_TEST_DATA_DIR) + "/" + file);
-  if (!in) throw std::runtime_error("cannot open reference file " + file);
-  return json::parse(in);
-}
-
-template <class T>
-Mat<T> tensor(const json& j, const std::string& name) {
-  const auto& t = j.at("tensors").at(name);
-  const auto shape = t.at("shape").get<std::vector<peft::Index>>();
-  const peft::Index rows = shape.size() == 2 ? shape[0] : 1, cols = shape.back();
-  const auto data = t.at("data").get<std::vector<double>>();
-  REQUIRE(std::size_t(rows * cols) == data.size());
-  Mat<T> m(rows, cols);
-  for (std::size_t i = 0; i < data.size(); ++i) m.data()[i] = T(data[i]);
-  return m;
-}
-
 }  // namespace
 
 TEMPLATE_TEST_CASE("dora: matches Hugging Face PEFT (dora_linear_default)", "[dora][reference]", float, double) {
   using T = TestType;
-  const json j = load(std::is_same_v<T, float> ? "dora_linear_default_f32.json" : "dora_linear_default_f64.json");
+  const json j = load_reference(std::is_same_v<T, float> ? "dora_linear_default_f32.json" : "dora_linear_default_f64.json");
   const double tol = std::is_same_v<T, float> ? 2e-5 : 1e-12;
   const auto& cfgj = j.at("config").at("default");
-  const Mat<T> w = tensor<T>(j, "lin.weight"), b = tensor<T>(j, "lin.bias");
+  const Mat<T> w = ref_tensor<T>(j, "lin.weight"), b = ref_tensor<T>(j, "lin.bias");
   Generator gen(0);
   Linear<T> base(w.cols(), w.rows(), true, gen);
   as_mat(base.weight()) = w;
@@ -510,12 +493,12 @@ TEMPLATE_TEST_CASE("dora: matches Hugging Face PEFT (dora_linear_default)", "[do
   l.add_adapter("default", cfg, gen);
   auto& a = lora_adapter(l, "default");
   CHECK(double(a.scaling) == j.at("scaling").at("default").at("lin").get<double>());
-  as_mat(a.A()) = tensor<T>(j, "lin.lora_A.weight");
-  as_mat(a.B()) = tensor<T>(j, "lin.lora_B.weight");
-  as_mat(a.M()) = tensor<T>(j, "lin.lora_magnitude_vector");
+  as_mat(a.A()) = ref_tensor<T>(j, "lin.lora_A.weight");
+  as_mat(a.B()) = ref_tensor<T>(j, "lin.lora_B.weight");
+  as_mat(a.M()) = ref_tensor<T>(j, "lin.lora_magnitude_vector");
   l.eval();
 
-  const Mat<T> x = tensor<T>(j, "x"), gout = tensor<T>(j, "grad_out");
+  const Mat<T> x = ref_tensor<T>(j, "x"), gout = ref_tensor<T>(j, "grad_out");
   auto ctx = l.make_context(x.rows());
   Mat<T> y(x.rows(), w.rows()), dx(x.rows(), w.cols());
   l.forward(ctx, x, y);
@@ -524,13 +507,13 @@ TEMPLATE_TEST_CASE("dora: matches Hugging Face PEFT (dora_linear_default)", "[do
   const Mat<T> norm = as_mat(ConstMatrixView<T>(slot.norm.view(1, w.rows())));
 
   const std::pair<const char*, double> results[] = {
-      {"weight_norm", scaled_diff_of(norm, tensor<T>(j, "weight_norm.lin"))},
-      {"init magnitude (= ‖W + s·B·A‖)", scaled_diff_of(norm, tensor<T>(j, "init.lin.lora_magnitude_vector"))},
-      {"out", scaled_diff_of(y, tensor<T>(j, "out"))},
-      {"grad.x", scaled_diff_of(dx, tensor<T>(j, "grad.x"))},
-      {"grad.lora_A", scaled_diff_of(as_mat(a.grad_A()), tensor<T>(j, "grad.lin.lora_A.weight"))},
-      {"grad.lora_B", scaled_diff_of(as_mat(a.grad_B()), tensor<T>(j, "grad.lin.lora_B.weight"))},
-      {"grad.lora_magnitude_vector", scaled_diff_of(as_mat(a.grad_M()), tensor<T>(j, "grad.lin.lora_magnitude_vector"))},
+      {"weight_norm", scaled_diff_of(norm, ref_tensor<T>(j, "weight_norm.lin"))},
+      {"init magnitude (= ‖W + s·B·A‖)", scaled_diff_of(norm, ref_tensor<T>(j, "init.lin.lora_magnitude_vector"))},
+      {"out", scaled_diff_of(y, ref_tensor<T>(j, "out"))},
+      {"grad.x", scaled_diff_of(dx, ref_tensor<T>(j, "grad.x"))},
+      {"grad.lora_A", scaled_diff_of(as_mat(a.grad_A()), ref_tensor<T>(j, "grad.lin.lora_A.weight"))},
+      {"grad.lora_B", scaled_diff_of(as_mat(a.grad_B()), ref_tensor<T>(j, "grad.lin.lora_B.weight"))},
+      {"grad.lora_magnitude_vector", scaled_diff_of(as_mat(a.grad_M()), ref_tensor<T>(j, "grad.lin.lora_magnitude_vector"))},
   };
   double worst = 0;
   for (const auto& [what, err] : results) {
@@ -540,15 +523,15 @@ TEMPLATE_TEST_CASE("dora: matches Hugging Face PEFT (dora_linear_default)", "[do
   }
   Mat<T> delta(w.rows(), w.cols());
   l.delta_weight("default", delta);
-  CHECK(scaled_diff_of(delta, tensor<T>(j, "delta.lin")) < tol);
+  CHECK(scaled_diff_of(delta, ref_tensor<T>(j, "delta.lin")) < tol);
   l.disable_adapters();
-  CHECK(scaled_diff_of(forward_of(l, x), tensor<T>(j, "base_out")) < tol);
+  CHECK(scaled_diff_of(forward_of(l, x), ref_tensor<T>(j, "base_out")) < tol);
   l.enable_adapters();
   l.merge();
-  const double merged_w = scaled_diff_of(as_mat(l.base().weight()), tensor<T>(j, "merged.lin.weight"));
-  const double merged_out = scaled_diff_of(forward_of(l, x), tensor<T>(j, "merged_out"));
+  const double merged_w = scaled_diff_of(as_mat(l.base().weight()), ref_tensor<T>(j, "merged.lin.weight"));
+  const double merged_out = scaled_diff_of(forward_of(l, x), ref_tensor<T>(j, "merged_out"));
   CHECK(merged_w < tol);
-  CHECK(as_mat(l.base().bias()) == tensor<T>(j, "merged.lin.bias"));
+  CHECK(as_mat(l.base().bias()) == ref_tensor<T>(j, "merged.lin.bias"));
   CHECK(merged_out < tol);
   WARN("PEFT reference (" << (std::is_same_v<T, float> ? "f32" : "f64") << "): worst scaled error " << std::max({worst, merged_w, merged_out})
                           << " (forward/backward " << worst << ", merged weight " << merged_w << ", merged output " << merged_out << ")");

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <peft/train.hpp>
 
+#include "reference.hpp"
 #include "test_util.hpp"
 
 using namespace peft;
@@ -15,24 +16,6 @@ using namespace peft::test;
 using json = nlohmann::json;
 
 namespace {
-
-json load(const std::string& file) {
-  std::ifstream in(std::string(PEFT_TEST_DATA_DIR) + "/" + file);
-  if (!in) throw std::runtime_error("cannot open reference file " + file);
-  return json::parse(in);
-}
-
-template <class T>
-Mat<T> tensor(const json& j, const std::string& name) {
-  const auto& t = j.at("tensors").at(name);
-  const auto shape = t.at("shape").get<std::vector<peft::Index>>();
-  const peft::Index rows = shape.size() == 2 ? shape[0] : 1, cols = shape.back();
-  const auto data = t.at("data").get<std::vector<double>>();
-  REQUIRE(std::size_t(rows * cols) == data.size());
-  Mat<T> m(rows, cols);
-  for (std::size_t i = 0; i < data.size(); ++i) m.data()[i] = T(data[i]);
-  return m;
-}
 
 template <class T>
 using Layer = Adapted<Linear<T>, Lora>;
@@ -49,7 +32,7 @@ RefMlp<T> build(const json& j) {
   const auto layout = conv1d ? WeightLayout::in_out : WeightLayout::out_in;
   Generator gen(0);
   auto make = [&](const std::string& name) {
-    const Mat<T> w = tensor<T>(j, name + ".weight"), b = tensor<T>(j, name + ".bias");
+    const Mat<T> w = ref_tensor<T>(j, name + ".weight"), b = ref_tensor<T>(j, name + ".bias");
     const peft::Index in = conv1d ? w.rows() : w.cols(), out = conv1d ? w.cols() : w.rows();
     Linear<T> base(in, out, true, gen, layout);
     as_mat(base.weight()) = w;
@@ -68,9 +51,9 @@ RefMlp<T> build(const json& j) {
       for (auto& [k, v] : c.at("alpha_pattern").items()) cfg.alpha_pattern.emplace_back(k, v.template get<double>());
       l.add_adapter(adapter, cfg, gen);
       auto& a = lora_adapter(l, adapter);
-      as_mat(a.A()) = tensor<T>(j, name + ".lora_A." + adapter);
-      as_mat(a.B()) = tensor<T>(j, name + ".lora_B." + adapter);
-      if (cfg.lora_bias) as_mat(a.B_bias()) = tensor<T>(j, name + ".lora_B_bias." + adapter);
+      as_mat(a.A()) = ref_tensor<T>(j, name + ".lora_A." + adapter);
+      as_mat(a.B()) = ref_tensor<T>(j, name + ".lora_B." + adapter);
+      if (cfg.lora_bias) as_mat(a.B_bias()) = ref_tensor<T>(j, name + ".lora_B_bias." + adapter);
       // PEFT's scaling, recorded from its layer, must equal ours
       CHECK(double(a.scaling) == Approx(j.at("scaling").at(adapter).at(name).get<double>()).epsilon(std::is_same_v<T, float> ? 1e-7 : 1e-12));
     }
@@ -108,43 +91,34 @@ Pass<T> run(RefMlp<T>& m, const Mat<T>& x, const Mat<T>& g, bool backward = true
 }
 
 template <class T>
-double tol() { return std::is_same_v<T, float> ? 2e-5 : 1e-12; }
-
-/// max |a − b| / max(1, max |b|): absolute for O(1) values, relative for large ones.
-template <class A, class B>
-double scaled_diff(const A& a, const B& b) {
-  return max_abs_diff(a, b) / std::max(1.0, b.template cast<double>().cwiseAbs().maxCoeff());
-}
-
-template <class T>
 void check_case(const std::string& file) {
   INFO("reference file " << file);
-  const json j = load(file);
+  const json j = load_reference(file);
   auto m = build<T>(j);
-  const Mat<T> x = tensor<T>(j, "x"), g = tensor<T>(j, "grad_out");
+  const Mat<T> x = ref_tensor<T>(j, "x"), g = ref_tensor<T>(j, "grad_out");
   const auto p = run(m, x, g);
-  CHECK(scaled_diff(p.hidden, tensor<T>(j, "hidden")) < tol<T>());
-  CHECK(scaled_diff(p.out, tensor<T>(j, "out")) < tol<T>());
-  CHECK(scaled_diff(p.dx, tensor<T>(j, "grad.x")) < tol<T>());
+  CHECK(scaled_diff(p.hidden, ref_tensor<T>(j, "hidden")) < reference_tol<T>());
+  CHECK(scaled_diff(p.out, ref_tensor<T>(j, "out")) < reference_tol<T>());
+  CHECK(scaled_diff(p.dx, ref_tensor<T>(j, "grad.x")) < reference_tol<T>());
   for (auto* layer : {&m.lin0, &m.lin1}) {
     const std::string name = layer->module_path();
     for (const std::string& adapter : j.at("adapters").get<std::vector<std::string>>()) {
       INFO(name << " / " << adapter);
       auto& a = lora_adapter(*layer, adapter);
-      CHECK(scaled_diff(as_mat(a.grad_A()), tensor<T>(j, "grad." + name + ".lora_A." + adapter)) < tol<T>());
-      CHECK(scaled_diff(as_mat(a.grad_B()), tensor<T>(j, "grad." + name + ".lora_B." + adapter)) < tol<T>());
+      CHECK(scaled_diff(as_mat(a.grad_A()), ref_tensor<T>(j, "grad." + name + ".lora_A." + adapter)) < reference_tol<T>());
+      CHECK(scaled_diff(as_mat(a.grad_B()), ref_tensor<T>(j, "grad." + name + ".lora_B." + adapter)) < reference_tol<T>());
       if (a.config.lora_bias)
-        CHECK(scaled_diff(as_mat(a.grad_B_bias()), tensor<T>(j, "grad." + name + ".lora_B_bias." + adapter)) < tol<T>());
-      const Mat<T> expect = tensor<T>(j, "delta." + name + "." + adapter);
+        CHECK(scaled_diff(as_mat(a.grad_B_bias()), ref_tensor<T>(j, "grad." + name + ".lora_B_bias." + adapter)) < reference_tol<T>());
+      const Mat<T> expect = ref_tensor<T>(j, "delta." + name + "." + adapter);
       Mat<T> delta(expect.rows(), expect.cols());
       layer->delta_weight(adapter, delta);
-      CHECK(scaled_diff(delta, expect) < tol<T>());
+      CHECK(scaled_diff(delta, expect) < reference_tol<T>());
     }
   }
   // disabled adapters give PEFT's base output
   m.lin0.disable_adapters();
   m.lin1.disable_adapters();
-  CHECK(scaled_diff(run(m, x, g, false).out, tensor<T>(j, "base_out")) < tol<T>());
+  CHECK(scaled_diff(run(m, x, g, false).out, ref_tensor<T>(j, "base_out")) < reference_tol<T>());
   m.lin0.enable_adapters();
   m.lin1.enable_adapters();
   // merged weights and merged output
@@ -152,10 +126,10 @@ void check_case(const std::string& file) {
   m.lin1.merge();
   for (auto* layer : {&m.lin0, &m.lin1}) {
     const std::string name = layer->module_path();
-    CHECK(scaled_diff(as_mat(layer->base().weight()), tensor<T>(j, "merged." + name + ".weight")) < tol<T>());
-    CHECK(scaled_diff(as_mat(layer->base().bias()), tensor<T>(j, "merged." + name + ".bias")) < tol<T>());
+    CHECK(scaled_diff(as_mat(layer->base().weight()), ref_tensor<T>(j, "merged." + name + ".weight")) < reference_tol<T>());
+    CHECK(scaled_diff(as_mat(layer->base().bias()), ref_tensor<T>(j, "merged." + name + ".bias")) < reference_tol<T>());
   }
-  CHECK(scaled_diff(run(m, x, g, false).out, tensor<T>(j, "merged_out")) < tol<T>());
+  CHECK(scaled_diff(run(m, x, g, false).out, ref_tensor<T>(j, "merged_out")) < reference_tol<T>());
 }
 
 }  // namespace
@@ -169,7 +143,7 @@ TEMPLATE_TEST_CASE("reference: LoRA matches Hugging Face PEFT", "[reference][lor
 
 TEMPLATE_TEST_CASE("reference: three AdamW steps on LoRA parameters match PyTorch + PEFT", "[reference][lora][optim]", float, double) {
   using T = TestType;
-  const json j = load(std::is_same_v<T, float> ? "lora_adamw_f32.json" : "lora_adamw_f64.json");
+  const json j = load_reference(std::is_same_v<T, float> ? "lora_adamw_f32.json" : "lora_adamw_f64.json");
   auto m = build<T>(j);
   m.lin0.train();
   m.lin1.train();
@@ -183,9 +157,9 @@ TEMPLATE_TEST_CASE("reference: three AdamW steps on LoRA parameters match PyTorc
   auto params = trainable_parameters<T>(m);
   REQUIRE(params.size() == 4);  // lora_A and lora_B of both layers; the base stays frozen
   AdamW<T> adamw(params, opt);
-  const Mat<T> x = tensor<T>(j, "x"), g = tensor<T>(j, "grad_out");
+  const Mat<T> x = ref_tensor<T>(j, "x"), g = ref_tensor<T>(j, "grad_out");
   const Mat<T> w0 = as_mat(m.lin0.base().weight());
-  const Mat<T> losses = tensor<T>(j, "losses");
+  const Mat<T> losses = ref_tensor<T>(j, "losses");
   const double step_tol = std::is_same_v<T, float> ? 1e-4 : 1e-11;
   for (int step = 1; step <= 3; ++step) {
     adamw.zero_grad();
@@ -196,10 +170,10 @@ TEMPLATE_TEST_CASE("reference: three AdamW steps on LoRA parameters match PyTorc
       const std::string name = layer->module_path();
       auto& a = lora_adapter(*layer, "default");
       INFO("step " << step << " " << name);
-      CHECK(scaled_diff(as_mat(a.A()), tensor<T>(j, "step" + std::to_string(step) + "." + name + ".lora_A")) < step_tol);
-      CHECK(scaled_diff(as_mat(a.B()), tensor<T>(j, "step" + std::to_string(step) + "." + name + ".lora_B")) < step_tol);
+      CHECK(scaled_diff(as_mat(a.A()), ref_tensor<T>(j, "step" + std::to_string(step) + "." + name + ".lora_A")) < step_tol);
+      CHECK(scaled_diff(as_mat(a.B()), ref_tensor<T>(j, "step" + std::to_string(step) + "." + name + ".lora_B")) < step_tol);
     }
   }
   CHECK(as_mat(m.lin0.base().weight()) == w0);  // bit-identical: only adapter parameters moved
-  CHECK(scaled_diff(run(m, x, g, false).out, tensor<T>(j, "trained_out")) < step_tol);
+  CHECK(scaled_diff(run(m, x, g, false).out, ref_tensor<T>(j, "trained_out")) < step_tol);
 }
