@@ -105,6 +105,26 @@ struct LoraAdapter {
 
   bool dora() const noexcept { return config.use_dora; }
 
+  /// An adapter for a layer with `in` inputs and `out` outputs (the rank and scaling from cfg), with zeroed
+  /// weights and gradients of PEFT's shapes: A [r, in], B [out, r], b_B [out] with lora_bias.
+  static LoraAdapter shaped(const LoraConfig& cfg, Index in_, Index out_) {
+    LoraAdapter a;
+    a.config = cfg;
+    a.r = cfg.r;
+    a.in = in_;
+    a.out = out_;
+    a.scaling = T(LoraConfig::scaling_for(cfg.lora_alpha, cfg.r, cfg.use_rslora));
+    a.a.resize(std::size_t(a.r * a.in));
+    a.b.resize(std::size_t(a.out * a.r));
+    a.grad_a.resize(a.a.size());
+    a.grad_b.resize(a.b.size());
+    if (cfg.lora_bias) {
+      a.bias.resize(std::size_t(a.out));
+      a.grad_bias.resize(a.bias.size());
+    }
+    return a;
+  }
+
   MatrixView<T> A() { return a.view(r, in); }
   ConstMatrixView<T> A() const { return a.view(r, in); }
   MatrixView<T> B() { return b.view(out, r); }
@@ -184,20 +204,7 @@ class LoraBank<Linear<T, Backend>> {
                                     "); PEFT sets fan_in_fan_out = true exactly for Conv1D-style [in, out] weights"));
     if (cfg.lora_bias && !base.has_bias())
       throw ConfigError(detail::cat("LoRA adapter '", name, "': lora_bias needs a base layer with a bias"));
-    adapter_type a;
-    a.config = cfg;
-    a.r = cfg.r;
-    a.in = base.in_features();
-    a.out = base.out_features();
-    a.scaling = T(LoraConfig::scaling_for(cfg.lora_alpha, cfg.r, cfg.use_rslora));
-    a.a.resize(std::size_t(a.r * a.in));
-    a.b.resize(std::size_t(a.out * a.r));
-    a.grad_a.resize(a.a.size());
-    a.grad_b.resize(a.b.size());
-    if (cfg.lora_bias) {
-      a.bias.resize(std::size_t(a.out));
-      a.grad_bias.resize(a.bias.size());
-    }
+    adapter_type a = adapter_type::shaped(cfg, base.in_features(), base.out_features());
     const double bound_a = 1.0 / std::sqrt(double(a.in));
     switch (cfg.init_lora_weights) {
       case LoraInit::standard: gen.uniform(a.a.data(), a.a.size(), -bound_a, bound_a); break;

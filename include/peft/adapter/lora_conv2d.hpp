@@ -50,20 +50,7 @@ class LoraBank<Conv2d<T, Backend>> {
     if (cfg.fan_in_fan_out) throw ConfigError(detail::cat("LoRA adapter '", name, "': fan_in_fan_out does not apply to a Conv2d layer"));
     if (cfg.lora_bias && !base.has_bias()) throw ConfigError(detail::cat("LoRA adapter '", name, "': lora_bias needs a base layer with a bias"));
     const auto& geo = base.geometry();
-    adapter_type a;
-    a.config = cfg;
-    a.r = cfg.r;
-    a.in = geo.patch();
-    a.out = geo.out_channels;
-    a.scaling = T(LoraConfig::scaling_for(cfg.lora_alpha, cfg.r, cfg.use_rslora));
-    a.a.resize(std::size_t(a.r * a.in));
-    a.b.resize(std::size_t(a.out * a.r));
-    a.grad_a.resize(a.a.size());
-    a.grad_b.resize(a.b.size());
-    if (cfg.lora_bias) {
-      a.bias.resize(std::size_t(a.out));
-      a.grad_bias.resize(a.bias.size());
-    }
+    adapter_type a = adapter_type::shaped(cfg, geo.patch(), geo.out_channels);
     const double bound_a = 1.0 / std::sqrt(double(a.in));  // kaiming-uniform(a=√5): fan_in = C·kh·kw
     switch (cfg.init_lora_weights) {
       case LoraInit::standard: gen.uniform(a.a.data(), a.a.size(), -bound_a, bound_a); break;

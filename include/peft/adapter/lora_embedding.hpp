@@ -39,16 +39,7 @@ class LoraBank<Embedding<T, Backend>> {
     if (cfg.fan_in_fan_out) throw ConfigError(detail::cat("LoRA adapter '", name, "': fan_in_fan_out does not apply to an embedding"));
     if (cfg.lora_bias) throw ConfigError(detail::cat("LoRA adapter '", name, "': lora_bias is not supported on an embedding (as in PEFT)"));
     padding_idx_ = base.padding_idx().value_or(-1);
-    adapter_type a;
-    a.config = cfg;
-    a.r = cfg.r;
-    a.in = base.num_embeddings();
-    a.out = base.embedding_dim();
-    a.scaling = T(LoraConfig::scaling_for(cfg.lora_alpha, cfg.r, cfg.use_rslora));
-    a.a.resize(std::size_t(a.r * a.in));
-    a.b.resize(std::size_t(a.out * a.r));
-    a.grad_a.resize(a.a.size());
-    a.grad_b.resize(a.b.size());
+    adapter_type a = adapter_type::shaped(cfg, base.num_embeddings(), base.embedding_dim());
     switch (cfg.init_lora_weights) {
       case LoraInit::standard:
       case LoraInit::gaussian:  // PEFT treats every truthy init the same on embeddings
