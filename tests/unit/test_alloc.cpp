@@ -19,6 +19,7 @@ std::atomic<long> g_news{0}, g_mallocs{0};
 std::atomic<bool> g_count_malloc{false};
 }  // namespace
 
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"  // operator new is malloc-based here
 void* operator new(std::size_t n) {
   ++g_news;
   if (void* p = std::malloc(n ? n : 1)) return p;

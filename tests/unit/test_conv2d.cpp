@@ -136,7 +136,7 @@ TEMPLATE_TEST_CASE("lora on conv2d matches Hugging Face PEFT", "[conv2d][lora][r
     bool rslora;
   };
   const std::string sfx = std::is_same_v<T, float> ? "_f32.json" : "_f64.json";
-  for (const RefCase rc : {RefCase{"lora_conv2d_default", geo(3, 4, 3, 1, 1, 1, 6, 6), false}, RefCase{"lora_conv2d_s2_default", geo(3, 4, 3, 2, 0, 1, 7, 7), false},
+  for (const RefCase& rc : {RefCase{"lora_conv2d_default", geo(3, 4, 3, 1, 1, 1, 6, 6), false}, RefCase{"lora_conv2d_s2_default", geo(3, 4, 3, 2, 0, 1, 7, 7), false},
                            RefCase{"lora_conv2d_rslora", geo(3, 4, 3, 1, 1, 1, 6, 6), true}}) {
     INFO(rc.file);
     const auto j = load_reference(rc.file + sfx);

@@ -427,3 +427,173 @@ TEST_CASE("lokr: bad input gets a clear exception naming the field", "[lokr][err
   mixed.add_adapter("k", ok, g);
   REQUIRE_THROWS_WITH(loha_adapter(mixed, "k"), Catch::Contains("is not of kind loha"));
 }
+
+namespace {
+LokrConfig lokr_conv_config(const json& c) {
+  LokrConfig cfg;
+  cfg.r = c.at("r");
+  cfg.alpha = c.at("alpha");
+  cfg.rank_dropout = c.at("rank_dropout");
+  cfg.module_dropout = c.at("module_dropout");
+  cfg.decompose_both = c.at("decompose_both");
+  cfg.decompose_factor = c.at("decompose_factor");
+  cfg.rank_dropout_scale = c.at("rank_dropout_scale");
+  cfg.use_effective_conv2d = c.at("use_effective_conv2d");
+  cfg.init_weights = c.at("init_weights").get<bool>() ? LokrInit::standard : LokrInit::off;
+  return cfg;
+}
+/// variant 0: default blocks; 1: r = 1 with decompose_both (low-rank w1 and w2 where the shapes allow);
+/// 2: a second adapter beside the first.
+LokrConfig lokr_fd_config(int variant, int which) {
+  LokrConfig cfg;
+  cfg.r = which == 0 ? (variant == 1 ? 1 : 2) : 1;
+  cfg.alpha = which == 0 ? 4 : 3;
+  cfg.decompose_both = variant == 1 || which == 1;
+  cfg.init_weights = LokrInit::off;
+  return cfg;
+}
+template <class T>
+void lokr_reference_cases(const std::string& sfx);
+}  // namespace
+
+// ---- lokr on Conv2d (non-CP form) ----
+
+namespace {
+
+Conv2dGeometry lokr_lc_geo(Index c, Index o, Index k, Index s, Index p, Index d, Index h, Index w) {
+  Conv2dGeometry g;
+  g.in_channels = c;
+  g.out_channels = o;
+  g.kernel_h = g.kernel_w = k;
+  g.stride_h = g.stride_w = s;
+  g.pad_h = g.pad_w = p;
+  g.dilation_h = g.dilation_w = d;
+  g.in_h = h;
+  g.in_w = w;
+  return g;
+}
+
+/// PEFT numbers for lokr on a Conv2d base: out, grad.x, every factor gradient, delta, merged weight, merged_out.
+template <class T>
+void check_conv_reference(const std::string& file, const Conv2dGeometry& geo) {
+  INFO("reference file " << file);
+  const json j = load_reference(file);
+  const double tol = reference_tol<T>();
+  const std::string lname = j.at("layer");
+  Generator gen(0);
+  Adapted<Conv2d<T>, Lokr> l(Conv2d<T>(geo, true, gen), lname);
+  as_mat(l.base().weight()) = ref_tensor<T>(j, lname + ".weight");
+  as_mat(l.base().bias()) = ref_tensor<T>(j, lname + ".bias");
+  const auto& c = j.at("config").at("default");
+  LokrConfig cfg = lokr_conv_config(c);
+  l.add_adapter("default", cfg, gen);
+  CHECK(double(l.template adapter<Lokr>("default").scaling) == Approx(j.at("scaling").at("default").at(lname).get<double>()));
+  std::vector<std::string> names;
+  l.visit_parameters([&](ParamRef<T> p) {
+    if (!p.trainable) return;
+    names.push_back(peft_name(lname, p.name));
+    const Mat<T> v = ref_tensor<T>(j, names.back());
+    REQUIRE(std::size_t(v.size()) == p.size);
+    std::copy(v.data(), v.data() + v.size(), p.value);
+  });
+  CHECK(names == j.at("trainable").get<std::vector<std::string>>());  // exactly PEFT's tensors
+  l.eval();
+  double worst = 0;
+  auto cmp = [&](const std::string& what, const auto& ours, const Mat<T>& theirs) {
+    const double e = scaled_diff(ours, theirs);
+    INFO(what << ": scaled error " << e);
+    CHECK(e < tol);
+    worst = std::max(worst, e);
+  };
+  const Mat<T> x = ref_tensor<T>(j, "x"), g = ref_tensor<T>(j, "grad_out");
+  auto ctx = l.make_context(x.rows());
+  Mat<T> y(x.rows(), geo.out_size()), dx(x.rows(), geo.in_size());
+  l.forward(ctx, x, y);
+  l.backward(ctx, g, dx, GradMode::overwrite);
+  cmp("out", y, ref_tensor<T>(j, "out"));
+  cmp("grad.x", dx, ref_tensor<T>(j, "grad.x"));
+  l.visit_parameters([&](ParamRef<T> p) {
+    if (!p.trainable) return;
+    const std::string n = "grad." + peft_name(lname, p.name);
+    const Mat<T> expect = ref_tensor<T>(j, n);
+    REQUIRE(std::size_t(expect.size()) == p.size);
+    cmp(n, Eigen::Map<const Mat<T>>(p.grad, expect.rows(), expect.cols()), expect);
+  });
+  Mat<T> delta(geo.out_channels, geo.patch());
+  l.delta_weight("default", delta);
+  cmp("delta", delta, ref_tensor<T>(j, "delta." + lname));
+  l.disable_adapters();
+  l.forward(ctx, x, y);
+  cmp("base_out", y, ref_tensor<T>(j, "base_out"));
+  l.enable_adapters();
+  l.merge();
+  cmp("merged weight", as_mat(l.base().weight()), ref_tensor<T>(j, "merged." + lname + ".weight"));
+  cmp("merged bias", as_mat(l.base().bias()), ref_tensor<T>(j, "merged." + lname + ".bias"));
+  l.forward(ctx, x, y);
+  cmp("merged_out", y, ref_tensor<T>(j, "merged_out"));
+  l.unmerge();
+  cmp("unmerged weight", as_mat(l.base().weight()), ref_tensor<T>(j, lname + ".weight"));
+  if (std::getenv("PEFT_PRINT_ERRORS")) std::printf("%s: worst scaled error vs PEFT %.3g\n", file.c_str(), worst);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("lokr on conv2d: backward matches finite differences", "[lokr][conv2d][grad]", float, double) {
+  using T = TestType;
+  const std::vector<Conv2dGeometry> geos = {lokr_lc_geo(3, 4, 3, 1, 1, 1, 6, 6), lokr_lc_geo(3, 4, 3, 2, 0, 1, 7, 7),
+                                            lokr_lc_geo(2, 3, 3, 1, 2, 2, 5, 6), lokr_lc_geo(4, 2, 1, 1, 0, 1, 3, 3),
+                                            lokr_lc_geo(5, 6, 3, 1, 1, 1, 4, 4)};
+  for (const auto& g : geos) {
+    CAPTURE(g.in_channels, g.out_channels, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h, g.in_h, g.in_w);
+    for (int variant = 0; variant < 3; ++variant) {
+      CAPTURE(variant);
+      auto build = [&](auto tag) {
+        using U = decltype(tag);
+        Generator gen(3);
+        Adapted<Conv2d<U>, Lokr> l(Conv2d<U>(g, true, gen));
+        l.add_adapter("default", lokr_fd_config(variant, 0), gen);
+        if (variant == 1) l.base().set_requires_grad(true);
+        if (variant == 2) {
+          l.add_adapter("second", lokr_fd_config(variant, 1), gen);
+          l.set_adapter(std::vector<std::string>{"default", "second"});
+        }
+        return l;
+      };
+      auto l = build(T{});
+      auto twin = build(double{});
+      check_layer_gradients(l, twin, 2);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("reference: lokr on Conv2d matches Hugging Face PEFT", "[reference][lokr][conv2d]", float, double) {
+  using T = TestType;
+  const std::string sfx = std::is_same_v<T, float> ? "_f32.json" : "_f64.json";
+  lokr_reference_cases<T>(sfx);
+}
+
+namespace {
+template <class T>
+void lokr_reference_cases(const std::string& sfx) {
+  check_conv_reference<T>("lokr_conv2d_default" + sfx, lokr_lc_geo(3, 4, 3, 1, 1, 1, 6, 6));     // w1 (2,1), full 4-D w2
+  check_conv_reference<T>("lokr_conv2d_effective" + sfx, lokr_lc_geo(3, 4, 3, 1, 1, 1, 6, 6));   // full w2: no CP form
+  check_conv_reference<T>("lokr_conv2d_wide_lowrank" + sfx, lokr_lc_geo(5, 6, 3, 1, 1, 1, 4, 4));  // w2_a (3,2), w2_b (2,45)
+}
+}  // namespace
+
+TEST_CASE("lokr on conv2d: use_effective_conv2d with a low-rank w2 (CP form) is refused", "[lokr][conv2d][errors]") {
+  Generator g(1);
+  LokrConfig c;
+  c.r = 2;
+  c.alpha = 4;
+  c.use_effective_conv2d = true;
+  Adapted<Conv2d<float>, Lokr> l(Conv2d<float>(lokr_lc_geo(5, 6, 3, 1, 1, 1, 4, 4), true, g));
+  REQUIRE_THROWS_AS(l.add_adapter("default", c, g), ConfigError);
+  REQUIRE_THROWS_WITH(l.add_adapter("default", c, g), Catch::Contains("use_effective_conv2d") && Catch::Contains("not implemented"));
+  CHECK(l.adapter_names().empty());
+  c.use_effective_conv2d = false;
+  l.add_adapter("default", c, g);
+  const auto& a = lokr_adapter(l, "default");
+  CHECK(!a.layout.full_w2);
+  CHECK(a.lokr_w2_b().cols == 45);
+}

@@ -1,5 +1,5 @@
 // peft++ — LoHa (low-rank Hadamard product; Hyeon-Woo et al., FedPara, 2022; LyCORIS), as Hugging Face
-// PEFT 0.21 implements it (peft/tuners/loha/layer.py), on Linear base layers.
+// PEFT 0.21 implements it (peft/tuners/loha/layer.py), on Linear and Conv2d base layers.
 //
 //   w1_a, w2_a: [out, r]     w1_b, w2_b: [r, in]     s = alpha / r
 //   ΔW = s · (w1_a w1_b) ⊙ (w2_a w2_b)                [out, in]; transposed ([in, out]) in a Conv1D-style base
@@ -7,6 +7,12 @@
 //
 // Train mode only: rank_dropout zeroes whole rows of ΔW (rescaled by 1/mean(keep)), module_dropout skips
 // the adapter for one forward. This header also holds the helpers LoHa and LoKr share (detail::lycoris).
+//
+// Conv2d (PEFT's loha.Conv2d, use_effective_conv2d = false only): ΔW has the base kernel's layout
+// [O, C·kh·kw] (w1_a, w2_a [O, r]; w1_b, w2_b [r, C·kh·kw]), and y_n += ΔW · cols(x_n) per image, i.e.
+// conv(x, ΔW) with the base's stride, padding and dilation. The CP form (hada_t1/hada_t2) is not
+// implemented yet: use_effective_conv2d = true on a kernel other than 1×1 is a ConfigError (on 1×1
+// kernels PEFT ignores it, and so does peft++).
 #pragma once
 
 #include <cmath>
@@ -18,6 +24,7 @@
 #include <vector>
 
 #include "peft/grad_mode.hpp"
+#include "peft/layer/conv2d.hpp"
 #include "peft/layer/linear.hpp"
 #include "peft/param.hpp"
 #include "peft/rng.hpp"
@@ -105,6 +112,101 @@ void scale_rows(MatrixView<T> y, const T* v) {
     const T f = v[i];
     for (Index j = 0; j < y.cols; ++j) row[j] *= f;
   }
+}
+
+/// How an additive LyCORIS bank (LoHa, LoKr) applies a materialised ΔW [rows, cols] to its base layer:
+/// the three products of forward and backward, and the shape of ΔW. One specialisation per base layer.
+template <class Base>
+struct DeltaOps;
+
+/// Linear: ΔW is [out, in]; y += x ΔWᵀ, ∂L/∂ΔW = dyᵀ x, dx += dy ΔW.
+template <class T, class Backend>
+struct DeltaOps<Linear<T, Backend>> {
+  using base_type = Linear<T, Backend>;
+  using Scratch = typename Backend::template GemmScratch<T>;
+  struct State {};
+
+  static Index rows(const base_type& b) { return b.out_features(); }
+  static Index cols(const base_type& b) { return b.in_features(); }
+  static bool transposed(const base_type& b) { return b.layout() == WeightLayout::in_out; }
+  static void prepare(State&, Scratch& scratch, Index max_batch, const base_type& b) {
+    const Index out = rows(b), in = cols(b);
+    scratch.reserve_gemm(max_batch, out, in);  // y += x ΔWᵀ
+    scratch.reserve_gemm(out, in, max_batch);  // dyᵀ x
+    scratch.reserve_gemm(max_batch, in, out);  // dx += dy ΔW
+  }
+  static void forward(State&, Scratch& scratch, ConstMatrixView<T> delta, ConstMatrixView<T> x, MatrixView<T> y) {
+    Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), x, delta, T(1), y);
+  }
+  /// g = alpha · ∂L/∂ΔW.
+  static void grad(State&, Scratch& scratch, T alpha, ConstMatrixView<T> x, ConstMatrixView<T> dy, MatrixView<T> g) {
+    Backend::template gemm<Trans::yes, Trans::no>(scratch, alpha, dy, x, T(0), g);
+  }
+  static void input_grad(State&, Scratch& scratch, ConstMatrixView<T> delta, ConstMatrixView<T> dy, MatrixView<T> dx) {
+    Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), dy, delta, T(1), dx);
+  }
+};
+
+/// Conv2d (non-CP form): ΔW is the kernel [O, C·kh·kw]; per image n, y_n += ΔW · cols(x_n),
+/// ∂L/∂ΔW = Σ_n dy_n · cols(x_n)ᵀ (the columns recomputed), dx_n += col2im(ΔWᵀ · dy_n).
+template <class T, class Backend>
+struct DeltaOps<Conv2d<T, Backend>> {
+  using base_type = Conv2d<T, Backend>;
+  using Scratch = typename Backend::template GemmScratch<T>;
+  struct State {
+    Conv2dGeometry geo;  ///< the base's geometry when the context was made
+    typename Backend::template buffer<T> cols;  ///< one image's columns [C·kh·kw, Ho·Wo] (also the col2im input)
+  };
+
+  static Index rows(const base_type& b) { return b.geometry().out_channels; }
+  static Index cols(const base_type& b) { return b.geometry().patch(); }
+  static bool transposed(const base_type&) { return false; }
+  static void prepare(State& st, Scratch& scratch, Index, const base_type& b) {
+    st.geo = b.geometry();
+    const Index k = st.geo.patch(), p = st.geo.positions(), o = st.geo.out_channels;
+    st.cols.resize(std::size_t(k * p));
+    scratch.reserve_gemm(o, p, k);  // ΔW · cols
+    scratch.reserve_gemm(o, k, p);  // dy_n · colsᵀ
+    scratch.reserve_gemm(k, p, o);  // ΔWᵀ · dy_n
+  }
+  static void forward(State& st, Scratch& scratch, ConstMatrixView<T> delta, ConstMatrixView<T> x, MatrixView<T> y) {
+    const Index k = st.geo.patch(), p = st.geo.positions(), o = st.geo.out_channels;
+    auto cols = st.cols.view(k, p);
+    for (Index n = 0; n < x.rows; ++n) {
+      Backend::im2col(st.geo, x.data + n * x.stride, cols);
+      Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), delta, ConstMatrixView<T>(cols), T(1), base_type::image(y, n, o, p));
+    }
+  }
+  static void grad(State& st, Scratch& scratch, T alpha, ConstMatrixView<T> x, ConstMatrixView<T> dy, MatrixView<T> g) {
+    const Index k = st.geo.patch(), p = st.geo.positions(), o = st.geo.out_channels;
+    auto cols = st.cols.view(k, p);
+    if (dy.rows == 0)
+      for (Index i = 0; i < g.rows; ++i)
+        for (Index j = 0; j < g.cols; ++j) g(i, j) = T(0);
+    for (Index n = 0; n < dy.rows; ++n) {
+      Backend::im2col(st.geo, x.data + n * x.stride, cols);
+      Backend::template gemm<Trans::no, Trans::yes>(scratch, alpha, base_type::image(dy, n, o, p), ConstMatrixView<T>(cols),
+                                                    n == 0 ? T(0) : T(1), g);
+    }
+  }
+  static void input_grad(State& st, Scratch& scratch, ConstMatrixView<T> delta, ConstMatrixView<T> dy, MatrixView<T> dx) {
+    const Index k = st.geo.patch(), p = st.geo.positions(), o = st.geo.out_channels;
+    auto dcols = st.cols.view(k, p);
+    for (Index n = 0; n < dy.rows; ++n) {
+      Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), delta, base_type::image(dy, n, o, p), T(0), dcols);
+      Backend::col2im(st.geo, ConstMatrixView<T>(dcols), T(1), dx.data + n * dx.stride);
+    }
+  }
+};
+
+/// PEFT's use_effective_conv2d applies to conv kernels other than 1×1 (the CP form), which peft++ does
+/// not implement yet.
+template <class T, class Backend>
+void check_not_effective(const Conv2d<T, Backend>& base, bool use_effective_conv2d, const char* kind, std::string_view name) {
+  const auto& g = base.geometry();
+  if (use_effective_conv2d && !(g.kernel_h == 1 && g.kernel_w == 1))
+    throw ConfigError(cat(kind, " adapter '", name,
+                          "': use_effective_conv2d (the CP decomposition of a conv kernel) is not implemented on a Conv2d layer yet"));
 }
 
 }  // namespace detail::lycoris
@@ -233,12 +335,16 @@ struct Loha {
   using bank = LohaBank<Base>;
 };
 
-/// LoHa adapters of one Linear layer, one slot per named adapter. An *additive* bank (as LoraBank):
-/// forward adds x ΔWᵀ of every active slot, with ΔW materialised in the context.
-template <class T, class Backend>
-class LohaBank<Linear<T, Backend>> {
+namespace detail::lycoris {
+
+/// LoHa adapters of one layer (Linear or Conv2d, per DeltaOps<Base>), one slot per named adapter. An
+/// *additive* bank (as LoraBank): forward adds the base-layer product with ΔW of every active slot
+/// (x ΔWᵀ for Linear, conv(x, ΔW) for Conv2d), with ΔW materialised in the context.
+template <class T, class Backend, class Base>
+class LohaBankImpl {
  public:
-  using base_type = Linear<T, Backend>;
+  using base_type = Base;
+  using ops = DeltaOps<Base>;
   using adapter_type = LohaAdapter<T, Backend>;
   using Scratch = typename Backend::template GemmScratch<T>;
   template <class U>
@@ -256,26 +362,30 @@ class LohaBank<Linear<T, Backend>> {
     std::vector<int> skipped;  ///< active slots skipped by module dropout in the last forward
     buffer<T> grad_delta;      ///< ∂L/∂(P1 ⊙ P2), [out, in], shared by the slots
     buffer<T> temp;            ///< [out, in] scratch, shared
+    typename ops::State op;    ///< the base-layer products' state (Conv2d: geometry and columns)
   };
 
   std::size_t size() const noexcept { return adapters_.size(); }
   adapter_type& at(int slot) { return adapters_[std::size_t(slot)]; }
   const adapter_type& at(int slot) const { return adapters_[std::size_t(slot)]; }
 
-  int add(const base_type& base, const LohaConfig& cfg, Generator& gen, std::string_view) {
+  int add(const base_type& base, const LohaConfig& cfg, Generator& gen, std::string_view name) {
     cfg.validate();
+    if constexpr (requires { check_not_effective(base, cfg.use_effective_conv2d, "LoHa", name); })
+      check_not_effective(base, cfg.use_effective_conv2d, "LoHa", name);
     adapter_type a;
-    a.init(cfg, base.out_features(), base.in_features(), base.layout() == WeightLayout::in_out, gen);
+    a.init(cfg, ops::rows(base), ops::cols(base), ops::transposed(base), gen);
     adapters_.push_back(std::move(a));
     return int(adapters_.size() - 1);
   }
   void remove(int slot) { adapters_.erase(adapters_.begin() + slot); }
 
-  void make_context(Context& ctx, Scratch& scratch, Index max_batch) const {
+  void make_context(Context& ctx, Scratch& scratch, Index max_batch, const base_type& base) const {
     ctx.slots.resize(adapters_.size());
     ctx.ran.reserve(adapters_.size());
     ctx.skipped.reserve(adapters_.size());
     if (adapters_.empty()) return;
+    ops::prepare(ctx.op, scratch, max_batch, base);
     const Index out = adapters_.front().rows, in = adapters_.front().cols;
     ctx.grad_delta.resize(std::size_t(out * in));
     ctx.temp.resize(std::size_t(out * in));
@@ -286,12 +396,9 @@ class LohaBank<Linear<T, Backend>> {
       if (a.config.rank_dropout > 0) s.mask.resize(std::size_t(out));
       a.reserve(scratch);
     }
-    scratch.reserve_gemm(max_batch, out, in);  // y += x ΔWᵀ
-    scratch.reserve_gemm(out, in, max_batch);  // dyᵀ x
-    scratch.reserve_gemm(max_batch, in, out);  // dx += dy ΔW
   }
 
-  /// y += Σ_{active} x ΔWᵀ. In train mode (`dropout_on`), module dropout may skip a slot and rank dropout
+  /// y += Σ_{active} x ΔWᵀ (Linear) or conv(x, ΔW) (Conv2d). In train mode (`dropout_on`), module dropout may skip a slot and rank dropout
   /// masks the rows of ΔW, with masks drawn from (seed, stream).
   void forward(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T> x, MatrixView<T> y, bool dropout_on,
                std::uint64_t seed, std::uint64_t stream0) const {
@@ -313,12 +420,12 @@ class LohaBank<Linear<T, Backend>> {
                                            detail::lycoris::rank_stream(stream_tag, stream0, slot));
         detail::lycoris::scale_rows(delta, s.mask.data());
       }
-      Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), x, ConstMatrixView<T>(delta), T(1), y);
+      ops::forward(ctx.op, scratch, ConstMatrixView<T>(delta), x, y);
     }
   }
 
-  /// dx += dy ΔW for every slot that ran; trainable slots get their factor gradients per `mode` from
-  /// ∂L/∂ΔW = dyᵀ x. A trainable slot skipped by module dropout gets zero gradients in overwrite mode.
+  /// dx += dy ΔW (Linear; col2im(ΔWᵀ dy_n) for Conv2d) for every slot that ran; trainable slots get their
+  /// factor gradients per `mode` from ∂L/∂ΔW = dyᵀ x (Σ_n dy_n cols(x_n)ᵀ for Conv2d). A trainable slot skipped by module dropout gets zero gradients in overwrite mode.
   void backward(Context& ctx, Scratch& scratch, ConstMatrixView<T> x, ConstMatrixView<T> dy, MatrixView<T> dx, GradMode mode,
                 std::uint64_t) {
     const T beta = mode == GradMode::accumulate ? T(1) : T(0);
@@ -331,12 +438,11 @@ class LohaBank<Linear<T, Backend>> {
       auto& s = ctx.slots[std::size_t(slot)];
       if (a.requires_grad) {
         auto g = ctx.grad_delta.view(a.rows, a.cols);
-        Backend::template gemm<Trans::yes, Trans::no>(scratch, a.scaling, dy, x, T(0), g);  // s · dyᵀ x
+        ops::grad(ctx.op, scratch, a.scaling, x, dy, g);  // s · ∂L/∂ΔW
         if (s.masked) detail::lycoris::scale_rows(g, s.mask.data());
         a.factor_grads(scratch, ConstMatrixView<T>(g), ctx.temp.view(a.rows, a.cols), beta);
       }
-      if (!dx.empty())
-        Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), dy, ConstMatrixView<T>(s.delta.view(a.rows, a.cols)), T(1), dx);
+      if (!dx.empty()) ops::input_grad(ctx.op, scratch, ConstMatrixView<T>(s.delta.view(a.rows, a.cols)), dy, dx);
     }
   }
 
@@ -380,6 +486,16 @@ class LohaBank<Linear<T, Backend>> {
  private:
   std::vector<adapter_type> adapters_;
 };
+
+}  // namespace detail::lycoris
+
+/// LoHa adapters of one Linear layer (Conv1D-style [in, out] weights included).
+template <class T, class Backend>
+class LohaBank<Linear<T, Backend>> : public detail::lycoris::LohaBankImpl<T, Backend, Linear<T, Backend>> {};
+
+/// LoHa adapters of one Conv2d layer (PEFT's loha.Conv2d without use_effective_conv2d): ΔW [O, C·kh·kw].
+template <class T, class Backend>
+class LohaBank<Conv2d<T, Backend>> : public detail::lycoris::LohaBankImpl<T, Backend, Conv2d<T, Backend>> {};
 
 /// The LoHa adapter `name` of an adapted layer (factors, gradients, scaling).
 template <class Layer>

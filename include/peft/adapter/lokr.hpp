@@ -1,5 +1,5 @@
 // peft++ — LoKr (low-rank Kronecker product; LyCORIS), as Hugging Face PEFT 0.21 implements it
-// (peft/tuners/lokr/layer.py), on Linear base layers.
+// (peft/tuners/lokr/layer.py), on Linear and Conv2d base layers.
 //
 //   (out_l, out_k) = factorization(out, f)    (in_m, in_n) = factorization(in, f)    f = decompose_factor
 //   w1 = lokr_w1 [out_l, in_m]   or  lokr_w1_a [out_l, r] · lokr_w1_b [r, in_m]   (only with decompose_both)
@@ -10,6 +10,12 @@
 //
 // Train mode only: rank_dropout zeroes whole rows of ΔW (rescaled by 1/mean(keep) only with
 // rank_dropout_scale), module_dropout skips the adapter for one forward.
+//
+// Conv2d (PEFT's lokr.Conv2d, non-CP form): in = in_channels; w2 is [out_k, in_n, kh, kw] (full) or
+// w2_a [out_k, r] · w2_b [r, in_n·kh·kw], i.e. a matrix [out_k, in_n·kh·kw], and ΔW = s · kron(w1, w2) is
+// the kernel [O, C·kh·kw] (= torch.kron of w1 [out_l, in_m, 1, 1] with the 4-D w2). Forward and backward
+// apply ΔW as a convolution (see detail::lycoris::DeltaOps). The CP form (lokr_t2, chosen by
+// use_effective_conv2d when w2 is low-rank and the kernel is not 1×1) is not implemented yet: ConfigError.
 #pragma once
 
 #include <algorithm>
@@ -226,13 +232,16 @@ struct LokrAdapter {
   buffer<T> grad_w1, grad_w1a, grad_w1b, grad_w2, grad_w2a, grad_w2b;
   bool requires_grad = false;
 
+  /// w2 as a matrix has in_n·kh·kw columns (in_n for Linear, where kh = kw = 1).
+  Index w2_cols() const { return layout.in_n * layout.kh * layout.kw; }
+
   // PEFT's tensors; an empty view when the layout has no such tensor.
   MatrixView<T> lokr_w1() { return layout.full_w1 ? w1.view(layout.out_l, layout.in_m) : MatrixView<T>{}; }
   MatrixView<T> lokr_w1_a() { return layout.full_w1 ? MatrixView<T>{} : w1a.view(layout.out_l, r); }
   MatrixView<T> lokr_w1_b() { return layout.full_w1 ? MatrixView<T>{} : w1b.view(r, layout.in_m); }
-  MatrixView<T> lokr_w2() { return layout.full_w2 ? w2.view(layout.out_k, layout.in_n) : MatrixView<T>{}; }
+  MatrixView<T> lokr_w2() { return layout.full_w2 ? w2.view(layout.out_k, w2_cols()) : MatrixView<T>{}; }
   MatrixView<T> lokr_w2_a() { return layout.full_w2 ? MatrixView<T>{} : w2a.view(layout.out_k, r); }
-  MatrixView<T> lokr_w2_b() { return layout.full_w2 ? MatrixView<T>{} : w2b.view(r, layout.in_n); }
+  MatrixView<T> lokr_w2_b() { return layout.full_w2 ? MatrixView<T>{} : w2b.view(r, w2_cols()); }
   ConstMatrixView<T> lokr_w1() const { return const_cast<LokrAdapter*>(this)->lokr_w1(); }
   ConstMatrixView<T> lokr_w1_a() const { return const_cast<LokrAdapter*>(this)->lokr_w1_a(); }
   ConstMatrixView<T> lokr_w1_b() const { return const_cast<LokrAdapter*>(this)->lokr_w1_b(); }
@@ -242,9 +251,9 @@ struct LokrAdapter {
   MatrixView<T> grad_lokr_w1() { return layout.full_w1 ? grad_w1.view(layout.out_l, layout.in_m) : MatrixView<T>{}; }
   MatrixView<T> grad_lokr_w1_a() { return layout.full_w1 ? MatrixView<T>{} : grad_w1a.view(layout.out_l, r); }
   MatrixView<T> grad_lokr_w1_b() { return layout.full_w1 ? MatrixView<T>{} : grad_w1b.view(r, layout.in_m); }
-  MatrixView<T> grad_lokr_w2() { return layout.full_w2 ? grad_w2.view(layout.out_k, layout.in_n) : MatrixView<T>{}; }
+  MatrixView<T> grad_lokr_w2() { return layout.full_w2 ? grad_w2.view(layout.out_k, w2_cols()) : MatrixView<T>{}; }
   MatrixView<T> grad_lokr_w2_a() { return layout.full_w2 ? MatrixView<T>{} : grad_w2a.view(layout.out_k, r); }
-  MatrixView<T> grad_lokr_w2_b() { return layout.full_w2 ? MatrixView<T>{} : grad_w2b.view(r, layout.in_n); }
+  MatrixView<T> grad_lokr_w2_b() { return layout.full_w2 ? MatrixView<T>{} : grad_w2b.view(r, w2_cols()); }
 
   /// Allocates the tensors of `layout_` and initialises them as PEFT does.
   void init(const LokrConfig& cfg, const LokrLayout& layout_, Index rows_, Index cols_, bool transposed_, Generator& gen) {
@@ -256,7 +265,7 @@ struct LokrAdapter {
     cols = cols_;
     transposed = transposed_;
     scaling = T(LokrConfig::scaling_for(cfg.alpha, cfg.r));
-    const Index a = layout.out_l, c = layout.in_m, b = layout.out_k, d = layout.in_n;
+    const Index a = layout.out_l, c = layout.in_m, b = layout.out_k, d = w2_cols();
     const bool zero_w1 = cfg.init_weights == LokrInit::standard, zero_w2 = cfg.init_weights == LokrInit::lycoris;
     if (layout.full_w1) {
       w1.resize(std::size_t(a * c));
@@ -290,7 +299,7 @@ struct LokrAdapter {
     Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), lokr_w1_a(), lokr_w1_b(), T(0), tmp);
     return tmp;
   }
-  /// w2 as a matrix [out_k, in_n]: lokr_w2, or lokr_w2_a · lokr_w2_b computed into `tmp`.
+  /// w2 as a matrix [out_k, in_n·kh·kw]: lokr_w2, or lokr_w2_a · lokr_w2_b computed into `tmp`.
   ConstMatrixView<T> block2(Scratch& scratch, MatrixView<T> tmp) const {
     if (layout.full_w2) return lokr_w2();
     Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), lokr_w2_a(), lokr_w2_b(), T(0), tmp);
@@ -298,7 +307,7 @@ struct LokrAdapter {
   }
 
   /// Parameter gradients from g = ∂L/∂kron(w1, w2) (s and the rank-dropout mask applied), per beta.
-  /// `gw1` [out_l, in_m] and `gw2` [out_k, in_n] are scratch for the low-rank blocks.
+  /// `gw1` [out_l, in_m] and `gw2` [out_k, in_n·kh·kw] are scratch for the low-rank blocks.
   void factor_grads(Scratch& scratch, ConstMatrixView<T> g, ConstMatrixView<T> b1, ConstMatrixView<T> b2, MatrixView<T> gw1,
                     MatrixView<T> gw2, T beta) {
     if (layout.full_w1) {
@@ -318,7 +327,7 @@ struct LokrAdapter {
   }
 
   void reserve(Scratch& scratch) const {
-    const Index a = layout.out_l, c = layout.in_m, b = layout.out_k, d = layout.in_n;
+    const Index a = layout.out_l, c = layout.in_m, b = layout.out_k, d = w2_cols();
     if (!layout.full_w1) {
       scratch.reserve_gemm(a, c, r);
       scratch.reserve_gemm(a, r, c);
@@ -346,11 +355,31 @@ struct Lokr {
   using bank = LokrBank<Base>;
 };
 
-/// LoKr adapters of one Linear layer, one slot per named adapter. An additive bank (as LoraBank).
+namespace detail::lokr {
+
+/// The tensors PEFT creates for a LoKr adapter on `base`.
 template <class T, class Backend>
-class LokrBank<Linear<T, Backend>> {
+LokrLayout layout_for(const Linear<T, Backend>& base, const LokrConfig& cfg, std::string_view) {
+  return LokrLayout::linear(base.out_features(), base.in_features(), cfg.r, cfg.decompose_both, cfg.decompose_factor);
+}
+template <class T, class Backend>
+LokrLayout layout_for(const Conv2d<T, Backend>& base, const LokrConfig& cfg, std::string_view name) {
+  const auto& g = base.geometry();
+  const auto l = LokrLayout::conv2d(g.out_channels, g.in_channels, g.kernel_h, g.kernel_w, cfg.r, cfg.decompose_both,
+                                    cfg.decompose_factor, cfg.use_effective_conv2d);
+  if (l.effective)
+    throw ConfigError(cat("LoKr adapter '", name,
+                          "': use_effective_conv2d (the CP decomposition of w2, lokr_t2) is not implemented on a Conv2d layer yet"));
+  return l;
+}
+
+/// LoKr adapters of one layer (Linear or Conv2d, per detail::lycoris::DeltaOps<Base>), one slot per named
+/// adapter. An additive bank (as LoraBank).
+template <class T, class Backend, class Base>
+class LokrBankImpl {
  public:
-  using base_type = Linear<T, Backend>;
+  using base_type = Base;
+  using ops = detail::lycoris::DeltaOps<Base>;
   using adapter_type = LokrAdapter<T, Backend>;
   using Scratch = typename Backend::template GemmScratch<T>;
   template <class U>
@@ -369,28 +398,28 @@ class LokrBank<Linear<T, Backend>> {
     std::vector<int> skipped;  ///< active slots skipped by module dropout
     buffer<T> grad_delta;      ///< ∂L/∂kron(w1, w2), [out, in], shared
     buffer<T> gw1, gw2;        ///< ∂L/∂w1, ∂L/∂w2 of low-rank blocks, shared (largest slot)
+    typename ops::State op;    ///< the base-layer products' state (Conv2d: geometry and columns)
   };
 
   std::size_t size() const noexcept { return adapters_.size(); }
   adapter_type& at(int slot) { return adapters_[std::size_t(slot)]; }
   const adapter_type& at(int slot) const { return adapters_[std::size_t(slot)]; }
 
-  int add(const base_type& base, const LokrConfig& cfg, Generator& gen, std::string_view) {
+  int add(const base_type& base, const LokrConfig& cfg, Generator& gen, std::string_view name) {
     cfg.validate();
-    const Index out = base.out_features(), in = base.in_features();
     adapter_type a;
-    a.init(cfg, LokrLayout::linear(out, in, cfg.r, cfg.decompose_both, cfg.decompose_factor), out, in,
-           base.layout() == WeightLayout::in_out, gen);
+    a.init(cfg, layout_for(base, cfg, name), ops::rows(base), ops::cols(base), ops::transposed(base), gen);
     adapters_.push_back(std::move(a));
     return int(adapters_.size() - 1);
   }
   void remove(int slot) { adapters_.erase(adapters_.begin() + slot); }
 
-  void make_context(Context& ctx, Scratch& scratch, Index max_batch) const {
+  void make_context(Context& ctx, Scratch& scratch, Index max_batch, const base_type& base) const {
     ctx.slots.resize(adapters_.size());
     ctx.ran.reserve(adapters_.size());
     ctx.skipped.reserve(adapters_.size());
     if (adapters_.empty()) return;
+    ops::prepare(ctx.op, scratch, max_batch, base);
     const Index out = adapters_.front().rows, in = adapters_.front().cols;
     ctx.grad_delta.resize(std::size_t(out * in));
     std::size_t n1 = 0, n2 = 0;
@@ -401,19 +430,16 @@ class LokrBank<Linear<T, Backend>> {
       s.delta.resize(std::size_t(out * in));
       if (a.config.rank_dropout > 0) s.mask.resize(std::size_t(out));
       if (!l.full_w1) s.w1.resize(std::size_t(l.out_l * l.in_m));
-      if (!l.full_w2) s.w2.resize(std::size_t(l.out_k * l.in_n));
+      if (!l.full_w2) s.w2.resize(std::size_t(l.out_k * a.w2_cols()));
       n1 = std::max(n1, std::size_t(l.out_l * l.in_m));
-      n2 = std::max(n2, std::size_t(l.out_k * l.in_n));
+      n2 = std::max(n2, std::size_t(l.out_k * a.w2_cols()));
       a.reserve(scratch);
     }
     ctx.gw1.resize(n1);
     ctx.gw2.resize(n2);
-    scratch.reserve_gemm(max_batch, out, in);  // y += x ΔWᵀ
-    scratch.reserve_gemm(out, in, max_batch);  // dyᵀ x
-    scratch.reserve_gemm(max_batch, in, out);  // dx += dy ΔW
   }
 
-  /// y += Σ_{active} x ΔWᵀ, with module and rank dropout in train mode.
+  /// y += Σ_{active} x ΔWᵀ (Linear) or conv(x, ΔW) (Conv2d), with module and rank dropout in train mode.
   void forward(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T> x, MatrixView<T> y, bool dropout_on,
                std::uint64_t seed, std::uint64_t stream0) const {
     ctx.ran.clear();
@@ -435,7 +461,7 @@ class LokrBank<Linear<T, Backend>> {
                                            detail::lycoris::rank_stream(stream_tag, stream0, slot));
         detail::lycoris::scale_rows(delta, s.mask.data());
       }
-      Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), x, ConstMatrixView<T>(delta), T(1), y);
+      ops::forward(ctx.op, scratch, ConstMatrixView<T>(delta), x, y);
     }
   }
 
@@ -454,16 +480,15 @@ class LokrBank<Linear<T, Backend>> {
       const auto& l = a.layout;
       if (a.requires_grad) {
         auto g = ctx.grad_delta.view(a.rows, a.cols);
-        Backend::template gemm<Trans::yes, Trans::no>(scratch, a.scaling, dy, x, T(0), g);  // s · dyᵀ x
+        ops::grad(ctx.op, scratch, a.scaling, x, dy, g);  // s · ∂L/∂ΔW
         if (s.masked) detail::lycoris::scale_rows(g, s.mask.data());
         // the blocks as forward used them (the products of low-rank blocks are kept in the context)
         const ConstMatrixView<T> b1 = l.full_w1 ? a.lokr_w1() : ConstMatrixView<T>(s.w1.view(l.out_l, l.in_m));
-        const ConstMatrixView<T> b2 = l.full_w2 ? a.lokr_w2() : ConstMatrixView<T>(s.w2.view(l.out_k, l.in_n));
+        const ConstMatrixView<T> b2 = l.full_w2 ? a.lokr_w2() : ConstMatrixView<T>(s.w2.view(l.out_k, a.w2_cols()));
         a.factor_grads(scratch, ConstMatrixView<T>(g), b1, b2, l.full_w1 ? MatrixView<T>{} : ctx.gw1.view(l.out_l, l.in_m),
-                       l.full_w2 ? MatrixView<T>{} : ctx.gw2.view(l.out_k, l.in_n), beta);
+                       l.full_w2 ? MatrixView<T>{} : ctx.gw2.view(l.out_k, a.w2_cols()), beta);
       }
-      if (!dx.empty())
-        Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), dy, ConstMatrixView<T>(s.delta.view(a.rows, a.cols)), T(1), dx);
+      if (!dx.empty()) ops::input_grad(ctx.op, scratch, ConstMatrixView<T>(s.delta.view(a.rows, a.cols)), dy, dx);
     }
   }
 
@@ -481,9 +506,9 @@ class LokrBank<Linear<T, Backend>> {
     const auto& l = a.layout;
     require_shape(out, a.transposed ? a.cols : a.rows, a.transposed ? a.rows : a.cols, "LoKr write_delta: out");
     a.reserve(scratch);
-    buffer<T> t1(l.full_w1 ? 0 : std::size_t(l.out_l * l.in_m)), t2(l.full_w2 ? 0 : std::size_t(l.out_k * l.in_n));
+    buffer<T> t1(l.full_w1 ? 0 : std::size_t(l.out_l * l.in_m)), t2(l.full_w2 ? 0 : std::size_t(l.out_k * a.w2_cols()));
     const auto b1 = a.block1(scratch, l.full_w1 ? MatrixView<T>{} : t1.view(l.out_l, l.in_m));
-    const auto b2 = a.block2(scratch, l.full_w2 ? MatrixView<T>{} : t2.view(l.out_k, l.in_n));
+    const auto b2 = a.block2(scratch, l.full_w2 ? MatrixView<T>{} : t2.view(l.out_k, a.w2_cols()));
     detail::lokr::kron(sign * a.scaling, b1, b2, beta, out, a.transposed);
   }
 
@@ -509,11 +534,21 @@ class LokrBank<Linear<T, Backend>> {
     return a.block1(scratch, a.layout.full_w1 ? MatrixView<T>{} : s.w1.view(a.layout.out_l, a.layout.in_m));
   }
   static ConstMatrixView<T> block2(const adapter_type& a, typename Context::Slot& s, Scratch& scratch) {
-    return a.block2(scratch, a.layout.full_w2 ? MatrixView<T>{} : s.w2.view(a.layout.out_k, a.layout.in_n));
+    return a.block2(scratch, a.layout.full_w2 ? MatrixView<T>{} : s.w2.view(a.layout.out_k, a.w2_cols()));
   }
 
   std::vector<adapter_type> adapters_;
 };
+
+}  // namespace detail::lokr
+
+/// LoKr adapters of one Linear layer (Conv1D-style [in, out] weights included).
+template <class T, class Backend>
+class LokrBank<Linear<T, Backend>> : public detail::lokr::LokrBankImpl<T, Backend, Linear<T, Backend>> {};
+
+/// LoKr adapters of one Conv2d layer (PEFT's lokr.Conv2d, non-CP form): ΔW [O, C·kh·kw].
+template <class T, class Backend>
+class LokrBank<Conv2d<T, Backend>> : public detail::lokr::LokrBankImpl<T, Backend, Conv2d<T, Backend>> {};
 
 /// The LoKr adapter `name` of an adapted layer (blocks, gradients, layout, scaling).
 template <class Layer>
