@@ -197,3 +197,79 @@ TEMPLATE_TEST_CASE("loha and lokr: forward and backward allocate nothing after m
     }
   }
 }
+
+TEMPLATE_TEST_CASE("conv2d and embedding layers with adapters allocate nothing after make_context", "[conv2d][embedding][alloc]", float, double) {
+  using T = TestType;
+  for (peft::Index batch : {1, 5}) {
+    for (double dropout : {0.0, 0.3}) {
+      for (bool trainable_base : {false, true}) {
+        CAPTURE(batch, dropout, trainable_base);
+        Generator g(5);
+        Conv2dGeometry geo;
+        geo.in_channels = 3;
+        geo.out_channels = 70;  // two DoRA norm blocks
+        geo.kernel_h = geo.kernel_w = 3;
+        geo.pad_h = geo.pad_w = 1;
+        geo.in_h = geo.in_w = 8;
+        Adapted<Conv2d<T>, Lora, Loha, Lokr> c(Conv2d<T>(geo, true, g));
+        LoraConfig lc;
+        lc.r = 4;
+        lc.lora_dropout = dropout;
+        lc.init_lora_weights = LoraInit::off;
+        LoraConfig dc = lc;
+        dc.use_dora = true;
+        LohaConfig hc;
+        hc.r = 4;
+        hc.init_weights = false;
+        LokrConfig kc;
+        kc.r = 2;
+        c.add_adapter("lora", lc, g);
+        c.add_adapter("dora", dc, g);
+        c.add_adapter("loha", hc, g);
+        c.add_adapter("lokr", kc, g);
+        c.add_adapter("dora2", dc, g);
+        c.set_adapter(std::vector<std::string>{"dora", "lora", "loha", "lokr", "dora2"});
+        c.base().set_requires_grad(trainable_base);
+        const Mat<T> x = random_mat<T>(batch, geo.in_size(), 1), dy = random_mat<T>(batch, geo.out_size(), 2);
+        Mat<T> y(batch, geo.out_size()), dx(batch, geo.in_size());
+        auto ctx = c.make_context(batch);
+        c.forward(ctx, x, y);
+        c.backward(ctx, dy, dx, GradMode::overwrite);
+        const auto cc = count_allocations([&] {
+          for (int i = 0; i < 2; ++i) {
+            c.forward(ctx, x, y);
+            c.backward(ctx, dy, dx, GradMode::accumulate);
+            c.backward(ctx, dy, MatrixView<T>{}, GradMode::overwrite);
+          }
+        });
+        CHECK(cc.news == 0);
+        CHECK(cc.mallocs == 0);
+
+        Adapted<Embedding<T>, Lora> e(Embedding<T>(50, 70, g, 3));
+        LoraConfig ec;
+        ec.r = 4;
+        ec.init_lora_weights = LoraInit::off;
+        e.add_adapter("lora", ec, g);
+        ec.use_dora = true;
+        e.add_adapter("dora", ec, g);
+        e.set_adapter(std::vector<std::string>{"dora", "lora"});
+        e.base().set_requires_grad(trainable_base);
+        const std::vector<std::int64_t> ids = {1, 3, 49, 7, 1};
+        const std::span<const std::int64_t> idv(ids.data(), std::size_t(batch));
+        Mat<T> ye(batch, 70);
+        const Mat<T> dye = random_mat<T>(batch, 70, 3);
+        auto ectx = e.make_context(batch);
+        e.forward(ectx, idv, ye);
+        e.backward(ectx, dye, {}, GradMode::overwrite);
+        const auto ce = count_allocations([&] {
+          for (int i = 0; i < 2; ++i) {
+            e.forward(ectx, idv, ye);
+            e.backward(ectx, dye, {}, GradMode::accumulate);
+          }
+        });
+        CHECK(ce.news == 0);
+        CHECK(ce.mallocs == 0);
+      }
+    }
+  }
+}

@@ -2,6 +2,7 @@
 // PEFT's properties, real PEFT numbers, bad input.
 #include <catch2/catch.hpp>
 
+#include "conv_ref.hpp"
 #include "layer_check.hpp"
 #include "reference.hpp"
 
@@ -11,40 +12,6 @@ using namespace peft::test;
 namespace {
 template <class T>
 using LoraConv = Adapted<Conv2d<T>, Lora>;
-
-Conv2dGeometry geo(Index c, Index o, Index k, Index s, Index p, Index d, Index h, Index w) {
-  Conv2dGeometry g;
-  g.in_channels = c;
-  g.out_channels = o;
-  g.kernel_h = g.kernel_w = k;
-  g.stride_h = g.stride_w = s;
-  g.pad_h = g.pad_w = p;
-  g.dilation_h = g.dilation_w = d;
-  g.in_h = h;
-  g.in_w = w;
-  return g;
-}
-
-/// The definition: y[n, o, i, j] = b[o] + Σ_{c, ki, kj} W[o, c, ki, kj] · x[n, c, i·s − p + ki·d, j·s − p + kj·d].
-Mat<double> direct_conv(const Conv2dGeometry& g, const Mat<double>& x, const Mat<double>& w, const Mat<double>& b) {
-  const Index ho = g.out_h(), wo = g.out_w();
-  Mat<double> y = Mat<double>::Zero(x.rows(), g.out_channels * ho * wo);
-  for (Index n = 0; n < x.rows(); ++n)
-    for (Index o = 0; o < g.out_channels; ++o)
-      for (Index i = 0; i < ho; ++i)
-        for (Index j = 0; j < wo; ++j) {
-          double acc = b.size() ? b(0, o) : 0.0;
-          for (Index c = 0; c < g.in_channels; ++c)
-            for (Index ki = 0; ki < g.kernel_h; ++ki)
-              for (Index kj = 0; kj < g.kernel_w; ++kj) {
-                const Index ih = i * g.stride_h - g.pad_h + ki * g.dilation_h, iw = j * g.stride_w - g.pad_w + kj * g.dilation_w;
-                if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) continue;
-                acc += w(o, (c * g.kernel_h + ki) * g.kernel_w + kj) * x(n, (c * g.in_h + ih) * g.in_w + iw);
-              }
-          y(n, (o * ho + i) * wo + j) = acc;
-        }
-  return y;
-}
 
 const std::vector<Conv2dGeometry> kGeometries = {geo(3, 4, 3, 1, 1, 1, 6, 6), geo(3, 4, 3, 2, 0, 1, 7, 7), geo(2, 3, 3, 1, 2, 2, 5, 6),
                                                  geo(4, 2, 1, 1, 0, 1, 3, 3), geo(2, 5, 2, 2, 1, 1, 5, 4)};

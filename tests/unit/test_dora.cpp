@@ -1,10 +1,11 @@
-// DoRA (LoRA's use_dora) on Linear: gradients against finite differences of an independent model with the
-// norm held constant (PEFT's detached norm), several active adapters (PEFT's running-result rule), the
-// magnitude init, identity at init, merge/unmerge, disable, bad input, and real PEFT numbers.
+// DoRA (LoRA's use_dora) on Linear, Conv2d and Embedding: gradients against finite differences of independent
+// models with the norm held constant (PEFT's detached norm), several active adapters (PEFT's running-result
+// rule), the magnitude init, identity at init, merge/unmerge, disable, bad input, and real PEFT numbers.
 #include <catch2/catch.hpp>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "conv_ref.hpp"
 #include "layer_check.hpp"
 #include "reference.hpp"
 
@@ -535,4 +536,397 @@ TEMPLATE_TEST_CASE("dora: matches Hugging Face PEFT (dora_linear_default)", "[do
   CHECK(merged_out < tol);
   WARN("PEFT reference (" << (std::is_same_v<T, float> ? "f32" : "f64") << "): worst scaled error " << std::max({worst, merged_w, merged_out})
                           << " (forward/backward " << worst << ", merged weight " << merged_w << ", merged output " << merged_out << ")");
+}
+
+// ---- DoRA on Conv2d and Embedding -----------------------------------------------------------------------
+
+namespace {
+
+template <class T>
+using LoraConvL = Adapted<Conv2d<T>, Lora>;
+template <class T>
+using LoraEmb = Adapted<Embedding<T>, Lora>;
+
+LoraConfig conv_config(int r, double alpha, double p, bool dora, LoraInit init = LoraInit::off) {
+  LoraConfig cfg;
+  cfg.r = r;
+  cfg.lora_alpha = alpha;
+  cfg.lora_dropout = p;
+  cfg.use_dora = dora;
+  cfg.init_lora_weights = init;
+  return cfg;
+}
+
+/// The conv oracle: PEFT's lora.Conv2d forward with DoraConv2dLayer (variants.py _DoraConvNdVariant), written
+/// with the definition of the convolution (direct_conv) in double. Norms per output channel over
+/// (C, kh, kw), frozen at make_context as in RefDora, so central differences give the detached gradient.
+struct RefDoraConv {
+  using scalar = double;
+  struct Ad {
+    Mat<double> A, B, m;
+    double s = 1, p = 0;
+    bool dora = false;
+  };
+  struct Context {};
+  Conv2dGeometry g;
+  Mat<double> W, b, gW, gb;
+  bool base_trainable = false, training = true;
+  std::vector<Ad> ads;
+  std::vector<int> order;
+  std::vector<Mat<double>> norms;
+  std::uint64_t seed = 0, forwards = 0;
+
+  template <class T>
+  static RefDoraConv of(LoraConvL<T>& l) {
+    RefDoraConv r;
+    r.g = l.base().geometry();
+    r.W = to_double(ConstMatrixView<T>(l.base().weight()));
+    if (l.base().has_bias()) r.b = to_double(ConstMatrixView<T>(l.base().bias()));
+    r.base_trainable = l.base().requires_grad();
+    r.gW = Mat<double>::Zero(r.W.rows(), r.W.cols());
+    r.gb = Mat<double>::Zero(1, r.b.size());
+    r.training = l.is_training();
+    const auto names = l.adapter_names();
+    for (const auto& n : names) {
+      const auto& a = lora_adapter(l, n);
+      r.ads.push_back({to_double(a.A()), to_double(a.B()), a.dora() ? to_double(a.M()) : Mat<double>(), double(a.scaling),
+                       a.config.lora_dropout, a.dora()});
+    }
+    for (const auto& n : l.active_adapters()) r.order.push_back(int(std::find(names.begin(), names.end(), n) - names.begin()));
+    return r;
+  }
+  peft::Index in_features() const { return g.in_size(); }
+  peft::Index out_features() const { return g.out_size(); }
+  void set_seed(std::uint64_t s) {
+    seed = s;
+    forwards = 0;
+  }
+  template <class F>
+  void visit_parameters(F&& f) {
+    f(ParamRef<double>{"weight", W.data(), gW.data(), std::size_t(W.size()), base_trainable});
+    if (b.size()) f(ParamRef<double>{"bias", b.data(), gb.data(), std::size_t(b.size()), base_trainable});
+    for (auto& a : ads) {
+      f(ParamRef<double>{"A", a.A.data(), nullptr, std::size_t(a.A.size()), true});
+      f(ParamRef<double>{"B", a.B.data(), nullptr, std::size_t(a.B.size()), true});
+      if (a.dora) f(ParamRef<double>{"m", a.m.data(), nullptr, std::size_t(a.m.size()), true});
+    }
+  }
+  Context make_context(peft::Index) {
+    norms.clear();
+    for (auto& a : ads) norms.push_back(a.dora ? Mat<double>((W + a.s * a.B * a.A).rowwise().norm().transpose()) : Mat<double>());
+    return {};
+  }
+  void forward(Context&, const Mat<double>& x, Mat<double>& y) {
+    const std::uint64_t fseed = peft::detail::random_bits(seed, 0x5EEDull, forwards++);
+    const peft::Index o = g.out_channels, p = g.positions();
+    y = direct_conv(g, x, W, b);
+    for (int k : order) {
+      const auto& a = ads[std::size_t(k)];
+      Mat<double> xk = x;
+      const bool dropped = training && a.p > 0;
+      if (dropped) EigenCpu::dropout<double>(ConstMatrixView<double>(x), MatrixView<double>(xk), a.p, fseed, std::uint64_t(k));
+      const Mat<double> lora = direct_conv(g, xk, Mat<double>(a.s * a.B * a.A), Mat<double>());
+      if (!a.dora) {
+        y += lora;
+        continue;
+      }
+      const Mat<double> base_result = dropped ? direct_conv(g, xk, W, Mat<double>()) : Mat<double>(y);
+      Mat<double> extra(y.rows(), y.cols());
+      for (peft::Index n = 0; n < y.rows(); ++n)
+        for (peft::Index c = 0; c < o; ++c) {
+          const double gc = a.m(0, c) / norms[std::size_t(k)](0, c), bc = (!dropped && b.size()) ? b(0, c) : 0.0;
+          for (peft::Index q = 0; q < p; ++q)
+            extra(n, c * p + q) = (gc - 1) * (base_result(n, c * p + q) - bc) + gc * lora(n, c * p + q);
+        }
+      y += extra;
+    }
+  }
+};
+
+template <class T>
+LoraConvL<T> make_conv_layer(const Conv2dGeometry& g, bool bias, std::uint64_t seed) {
+  Generator gen(seed);
+  return LoraConvL<T>(Conv2d<T>(g, bias, gen), "conv");
+}
+
+template <class T, class L>
+void scramble_all(L& l, std::uint64_t seed) {
+  for (const auto& n : l.adapter_names()) {
+    auto& a = lora_adapter(l, n);
+    if (!a.dora()) continue;
+    std::vector<double> u(a.magnitude.size());
+    Generator(seed++).uniform(u.data(), u.size(), 0.5, 1.5);
+    for (std::size_t i = 0; i < u.size(); ++i) a.magnitude[i] = T(double(a.magnitude[i]) * u[i]);
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("dora on conv2d: backward matches finite differences of the detached-norm function", "[dora][conv2d][grad]", float, double) {
+  using T = TestType;
+  const Conv2dGeometry geos[] = {geo(3, 4, 3, 1, 1, 1, 6, 6), geo(3, 4, 3, 2, 0, 1, 7, 7), geo(2, 3, 3, 1, 2, 2, 5, 6), geo(2, 5, 2, 2, 1, 1, 5, 4)};
+  using V = std::vector<std::string>;
+  int gi = 0;
+  for (const auto& g : geos) {
+    for (double p : {0.0, 0.3}) {
+      const bool bias = gi++ % 2 == 0;
+      CAPTURE(g.in_channels, g.out_channels, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h, p, bias);
+      auto l = make_conv_layer<T>(g, bias, 40 + std::uint64_t(gi));
+      Generator gen(7);
+      l.add_adapter("default", conv_config(3, 6.0, p, true), gen);
+      l.add_adapter("plain", conv_config(2, 4.0, p, false), gen);
+      l.add_adapter("second", conv_config(2, 3.0, p, true), gen);
+      scramble_all<T>(l, 9);
+      for (const V& active : {V{"default"}, V{"default", "plain", "second"}, V{"second", "default"}}) {
+        CAPTURE(active);
+        l.set_adapter(active);
+        for (bool train : {true, false}) {
+          CAPTURE(train);
+          l.train(train);
+          auto twin = RefDoraConv::of(l);
+          check_layer_gradients(l, twin, 3, 17);
+        }
+      }
+      // full fine-tuning of the base under DoRA
+      l.set_adapter(V{"default", "second"});
+      l.train(true);
+      l.base().set_requires_grad(true);
+      auto twin = RefDoraConv::of(l);
+      check_layer_gradients(l, twin, 2, 19);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("dora on conv2d: identity at default init, merge, unmerge, disable", "[dora][conv2d][merge]", float, double) {
+  using T = TestType;
+  const auto g = geo(3, 70, 3, 1, 1, 1, 5, 5);  // 70 channels: two norm blocks
+  auto l = make_conv_layer<T>(g, true, 3);
+  Generator gen(4);
+  l.add_adapter("default", conv_config(4, 8.0, 0.3, true, LoraInit::standard), gen);
+  const Mat<T> x = random_mat<T>(2, g.in_size(), 5);
+  auto ctx = l.make_context(2);
+  Mat<T> y0(2, g.out_size()), y(2, g.out_size()), ym(2, g.out_size());
+  l.disable_adapters();
+  l.forward(ctx, x, y0);
+  l.enable_adapters();
+  l.forward(ctx, x, y);  // train mode, dropout active
+  CHECK(y == y0);        // g = m / norm is exactly 1 and B = 0
+  l.add_adapter("second", conv_config(3, 3.0, 0.0, true), gen);
+  l.add_adapter("plain", conv_config(2, 4.0, 0.0, false), gen);
+  scramble_all<T>(l, 11);
+  l.set_adapter(std::vector<std::string>{"second", "plain", "default"});
+  l.eval();
+  auto ctx2 = l.make_context(2);
+  l.forward(ctx2, x, y);
+  CHECK(max_abs_diff(y, y0) > 1e-3);
+  const Mat<T> w0 = as_mat(l.base().weight()), b0 = as_mat(l.base().bias());
+  const double out_tol = std::is_same_v<T, float> ? 1e-5 : 1e-13, w_tol = std::is_same_v<T, float> ? 1e-6 : 1e-15;
+  for (bool safe : {false, true}) {
+    l.merge(std::nullopt, safe);
+    l.forward(ctx2, x, ym);
+    CHECK(scaled_diff_of(ym, y) < out_tol);
+    CHECK(as_mat(l.base().bias()) == b0);
+    l.unmerge();
+    CHECK(max_abs_diff(as_mat(l.base().weight()), w0) < w_tol);
+  }
+  l.disable_adapters();
+  l.forward(ctx2, x, ym);
+  CHECK(scaled_diff_of(ym, y0) < out_tol);
+}
+
+TEMPLATE_TEST_CASE("dora on conv2d: matches Hugging Face PEFT (dora_conv2d_default)", "[dora][conv2d][reference]", float, double) {
+  using T = TestType;
+  const json j = load_reference(std::is_same_v<T, float> ? "dora_conv2d_default_f32.json" : "dora_conv2d_default_f64.json");
+  const double tol = std::is_same_v<T, float> ? 2e-5 : 1e-12;
+  const auto g = geo(3, 4, 3, 1, 1, 1, 6, 6);
+  auto l = make_conv_layer<T>(g, true, 0);
+  as_mat(l.base().weight()) = ref_tensor<T>(j, "conv.weight");
+  as_mat(l.base().bias()) = ref_tensor<T>(j, "conv.bias");
+  Generator gen(0);
+  l.add_adapter("default", conv_config(j.at("config").at("default").at("r"), j.at("config").at("default").at("lora_alpha"), 0.0, true, LoraInit::zeros), gen);
+  auto& a = lora_adapter(l, "default");
+  as_mat(a.A()) = ref_tensor<T>(j, "conv.lora_A.weight");
+  as_mat(a.B()) = ref_tensor<T>(j, "conv.lora_B.weight");
+  as_mat(a.M()) = ref_tensor<T>(j, "conv.lora_magnitude_vector");
+  const Mat<T> x = ref_tensor<T>(j, "x"), gout = ref_tensor<T>(j, "grad_out");
+  auto ctx = l.make_context(x.rows());
+  Mat<T> y(x.rows(), g.out_size()), dx(x.rows(), g.in_size());
+  l.forward(ctx, x, y);
+  l.backward(ctx, gout, dx, GradMode::overwrite);
+  const auto& slot = std::get<0>(ctx.banks).slots[0];
+  const Mat<T> norm = as_mat(ConstMatrixView<T>(slot.norm.view(1, 4)));
+  double worst = 0;
+  for (const auto& [what, err] : std::initializer_list<std::pair<const char*, double>>{
+           {"weight_norm", scaled_diff_of(norm, ref_tensor<T>(j, "weight_norm.conv"))},
+           {"out", scaled_diff_of(y, ref_tensor<T>(j, "out"))},
+           {"grad.x", scaled_diff_of(dx, ref_tensor<T>(j, "grad.x"))},
+           {"grad.lora_A", scaled_diff_of(as_mat(a.grad_A()), ref_tensor<T>(j, "grad.conv.lora_A.weight"))},
+           {"grad.lora_B", scaled_diff_of(as_mat(a.grad_B()), ref_tensor<T>(j, "grad.conv.lora_B.weight"))},
+           {"grad.lora_magnitude_vector", scaled_diff_of(as_mat(a.grad_M()), ref_tensor<T>(j, "grad.conv.lora_magnitude_vector"))}}) {
+    INFO(what << ": " << err);
+    CHECK(err < tol);
+    worst = std::max(worst, err);
+  }
+  // the magnitude PEFT initialised from this W, A, B
+  LoraConvL<T> fresh = make_conv_layer<T>(g, true, 0);
+  as_mat(fresh.base().weight()) = ref_tensor<T>(j, "conv.weight");
+  fresh.add_adapter("default", conv_config(4, 8.0, 0.0, true, LoraInit::zeros), gen);
+  CHECK(scaled_diff_of(as_mat(lora_adapter(fresh, "default").M()), as_mat(ConstMatrixView<T>(fresh.base().weight())).rowwise().norm().transpose().eval()) < tol);
+  Mat<T> delta(4, g.patch());
+  l.delta_weight("default", delta);
+  CHECK(scaled_diff_of(delta, ref_tensor<T>(j, "delta.conv")) < tol);
+  l.merge();
+  const double merged_w = scaled_diff_of(as_mat(l.base().weight()), ref_tensor<T>(j, "merged.conv.weight"));
+  CHECK(merged_w < tol);
+  CHECK(as_mat(l.base().bias()) == ref_tensor<T>(j, "merged.conv.bias"));
+  l.eval();
+  l.forward(ctx, x, y);
+  const double merged_out = scaled_diff_of(y, ref_tensor<T>(j, "merged_out"));
+  CHECK(merged_out < tol);
+  WARN("PEFT reference dora_conv2d (" << (std::is_same_v<T, float> ? "f32" : "f64") << "): forward/backward " << worst << ", merged weight "
+                                      << merged_w << ", merged output " << merged_out);
+}
+
+namespace {
+
+/// The embedding oracle (PEFT's DoraEmbeddingLayer): y = W[ids]; per active slot y ← y + s·Aᵀ[ids]Bᵀ or, for
+/// DoRA, y ← g ⊙ (y + s·Aᵀ[ids]Bᵀ) with g = m / ‖(W + s·(BA)ᵀ)[:, j]‖ frozen at construction.
+struct RefDoraEmb {
+  struct Ad {
+    Mat<double> A, B, m, norm;
+    double s = 1;
+    bool dora = false;
+  };
+  Mat<double> W;
+  std::vector<Ad> ads;
+  std::vector<int> order;
+  template <class T>
+  static RefDoraEmb of(LoraEmb<T>& l) {
+    RefDoraEmb r;
+    r.W = to_double(ConstMatrixView<T>(l.base().weight()));
+    const auto names = l.adapter_names();
+    for (const auto& n : names) {
+      const auto& a = lora_adapter(l, n);
+      Ad d{to_double(a.A()), to_double(a.B()), a.dora() ? to_double(a.M()) : Mat<double>(), Mat<double>(), double(a.scaling), a.dora()};
+      if (d.dora) d.norm = (r.W + d.s * (d.B * d.A).transpose()).colwise().norm();
+      r.ads.push_back(d);
+    }
+    for (const auto& n : l.active_adapters()) r.order.push_back(int(std::find(names.begin(), names.end(), n) - names.begin()));
+    return r;
+  }
+  Mat<double> forward(const std::vector<std::int64_t>& ids) const {
+    Mat<double> y(Index(ids.size()), W.cols());
+    for (std::size_t i = 0; i < ids.size(); ++i) y.row(Index(i)) = W.row(ids[i]);
+    for (int k : order) {
+      const auto& a = ads[std::size_t(k)];
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        const Eigen::RowVectorXd lora = a.s * a.A.col(ids[i]).transpose() * a.B.transpose();
+        if (!a.dora) y.row(Index(i)) += lora;
+        else y.row(Index(i)) = ((a.m.array() / a.norm.array()) * (y.row(Index(i)) + lora).array()).matrix();
+      }
+    }
+    return y;
+  }
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("dora on embedding: gradients, identity, merge, and PEFT's numbers", "[dora][embedding]", float, double) {
+  using T = TestType;
+  const std::vector<std::int64_t> ids = {3, 0, 7, 3, 9, 1, 3, 11, 6};  // not padding_idx 5 (no gradient there, as F.embedding)
+  const Index n = Index(ids.size());
+  using V = std::vector<std::string>;
+  Generator gen(12);
+  LoraEmb<T> l(Embedding<T>(12, 70, gen, /*padding_idx=*/5), "emb");  // 70 columns: two norm blocks
+  l.add_adapter("default", conv_config(4, 8.0, 0.0, true, LoraInit::standard), gen);
+  {  // identity at PEFT's default init (A = 0): exactly
+    auto ctx = l.make_context(n);
+    Mat<T> y(n, 70);
+    l.forward(ctx, ids, y);
+    for (Index i = 0; i < n; ++i) CHECK(y.row(i) == as_mat(l.base().weight()).row(ids[std::size_t(i)]));
+  }
+  gen.normal(lora_adapter(l, "default").a.data(), lora_adapter(l, "default").a.size(), 0.0, 1.0);
+  l.add_adapter("plain", conv_config(3, 3.0, 0.0, false), gen);
+  l.add_adapter("second", conv_config(2, 4.0, 0.0, true), gen);
+  scramble_all<T>(l, 3);
+  const Mat<T> dy = random_mat<T>(n, 70, 4);
+  for (const V& active : {V{"default"}, V{"default", "plain", "second"}, V{"second", "default"}}) {
+    CAPTURE(active);
+    l.set_adapter(active);
+    for (bool base_trainable : {false, true}) {
+      l.base().set_requires_grad(base_trainable);
+      auto ref = RefDoraEmb::of(l);
+      auto ctx = l.make_context(n);
+      Mat<T> y(n, 70);
+      l.forward(ctx, ids, y);
+      CHECK(max_abs_diff(y, ref.forward(ids)) < 100 * value_tol<T>());
+      l.zero_grad();
+      l.backward(ctx, dy, {}, GradMode::overwrite);
+      const Mat<double> dyd = dy.template cast<double>();
+      auto loss = [&] { return dot(ref.forward(ids), dyd); };
+      for (int k : ref.order) {
+        auto& a = lora_adapter(l, l.adapter_names()[std::size_t(k)]);
+        auto& d = ref.ads[std::size_t(k)];
+        const auto rA = check_gradient(d.A.data(), a.grad_a.data(), a.a.size(), loss);
+        const auto rB = check_gradient(d.B.data(), a.grad_b.data(), a.b.size(), loss);
+        INFO(rA.str("dA") << "\n" << rB.str("dB"));
+        CHECK(rA.worst < grad_tol<T>());
+        CHECK(rB.worst < grad_tol<T>());
+        if (d.dora) {
+          const auto rm = check_gradient(d.m.data(), a.grad_magnitude.data(), a.magnitude.size(), loss);
+          INFO(rm.str("dm"));
+          CHECK(rm.worst < grad_tol<T>());
+        }
+      }
+      if (base_trainable) {
+        const auto rW = check_gradient(ref.W.data(), l.base().weight_grad().data, std::size_t(ref.W.size()), loss);
+        INFO(rW.str("dW"));
+        CHECK(rW.worst < grad_tol<T>());
+      }
+    }
+  }
+  l.base().set_requires_grad(false);
+  // merge = unmerged output; unmerge restores
+  l.set_adapter(V{"second", "plain", "default"});
+  auto ctx = l.make_context(n);
+  Mat<T> y(n, 70), ym(n, 70);
+  l.forward(ctx, ids, y);
+  const Mat<T> w0 = as_mat(l.base().weight());
+  l.merge();
+  l.forward(ctx, ids, ym);
+  CHECK(scaled_diff_of(ym, y) < (std::is_same_v<T, float> ? 1e-5 : 1e-13));
+  l.unmerge();
+  CHECK(scaled_diff_of(as_mat(l.base().weight()), w0) < (std::is_same_v<T, float> ? 1e-6 : 1e-14));
+
+  // real PEFT
+  const json j = load_reference(std::is_same_v<T, float> ? "dora_embedding_default_f32.json" : "dora_embedding_default_f64.json");
+  const double tol = std::is_same_v<T, float> ? 2e-5 : 1e-12;
+  const auto rids = j.at("tensors").at("ids").at("data").template get<std::vector<std::int64_t>>();
+  const Index rn = Index(rids.size());
+  auto rows = [&](const char* name) { return ref_tensor<T>(j, name, rn); };  // [2, 5, 8] → [10, 8]
+  const Mat<T> w = ref_tensor<T>(j, "emb.weight");
+  LoraEmb<T> r(Embedding<T>(w.rows(), w.cols(), gen), "emb");
+  as_mat(r.base().weight()) = w;
+  r.add_adapter("default", conv_config(j.at("config").at("default").at("r"), j.at("config").at("default").at("lora_alpha"), 0.0, true, LoraInit::zeros), gen);
+  auto& a = lora_adapter(r, "default");
+  as_mat(a.A()) = ref_tensor<T>(j, "emb.lora_embedding_A");
+  as_mat(a.B()) = ref_tensor<T>(j, "emb.lora_embedding_B");
+  as_mat(a.M()) = ref_tensor<T>(j, "emb.lora_magnitude_vector", 1);
+  auto rctx = r.make_context(rn);
+  Mat<T> ry(rn, w.cols());
+  r.forward(rctx, rids, ry);
+  r.backward(rctx, rows("grad_out"), {}, GradMode::overwrite);
+  const auto& slot = std::get<0>(rctx.banks).slots[0];
+  CHECK(scaled_diff_of(as_mat(ConstMatrixView<T>(slot.norm.view(1, w.cols()))), ref_tensor<T>(j, "weight_norm.emb", 1)) < tol);
+  CHECK(scaled_diff_of(ry, rows("out")) < tol);
+  CHECK(scaled_diff_of(as_mat(a.grad_A()), ref_tensor<T>(j, "grad.emb.lora_embedding_A")) < tol);
+  CHECK(scaled_diff_of(as_mat(a.grad_B()), ref_tensor<T>(j, "grad.emb.lora_embedding_B")) < tol);
+  CHECK(scaled_diff_of(as_mat(a.grad_M()), ref_tensor<T>(j, "grad.emb.lora_magnitude_vector", 1)) < tol);
+  Mat<T> delta(w.rows(), w.cols());
+  r.delta_weight("default", delta);
+  CHECK(scaled_diff_of(delta, ref_tensor<T>(j, "delta.emb")) < tol);
+  r.merge();
+  CHECK(scaled_diff_of(as_mat(r.base().weight()), ref_tensor<T>(j, "merged.emb.weight")) < tol);
+  r.forward(rctx, rids, ry);
+  CHECK(scaled_diff_of(ry, rows("merged_out")) < tol);
 }

@@ -46,8 +46,8 @@ struct LoraConfig {
   LoraInit init_lora_weights = LoraInit::standard;
   bool lora_bias = false;
   bool fan_in_fan_out = false;
-  /// DoRA, weight-decomposed LoRA (PEFT's use_dora): adds a trainable magnitude vector per output row.
-  /// Linear only so far; lora_bias is rejected with it, as PEFT does.
+  /// DoRA, weight-decomposed LoRA (PEFT's use_dora): adds a trainable magnitude vector per output row
+  /// (Linear), output channel (Conv2d) or embedding column (Embedding); lora_bias is rejected with it, as PEFT.
   bool use_dora = false;
   /// Per-module overrides, PEFT's rank_pattern / alpha_pattern: a key applies to a module whose path
   /// matches the regex `(.*\.)?(key)$`; the first matching key wins.
@@ -139,6 +139,158 @@ struct LoraAdapter {
   MatrixView<T> grad_M() { return dora() ? grad_magnitude.view(1, out) : MatrixView<T>{}; }
 };
 
+namespace detail {
+
+/// Weight-space operations shared by the LoRA banks of Linear, Conv2d and Embedding: the delta, DoRA's
+/// weight norm, and merge/unmerge with DoRA's rule. `in_out` is the layout of the base weight as the
+/// adapter sees it: false for W [out, in] (Linear, Conv2d as [O, C·kh·kw]), true for W [in, out] (Linear
+/// with fan_in_fan_out, and Embedding: table [num_embeddings, dim] with A [r, num_embeddings], B [dim, r]).
+/// In both layouts ΔW = s·B·A maps "in" to "out", and DoRA's norm is taken per "out" over "in".
+template <class T, class Backend>
+struct LoraWeightOps {
+  using adapter_type = LoraAdapter<T, Backend>;
+  using Scratch = typename Backend::template GemmScratch<T>;
+  template <class U>
+  using buffer = typename Backend::template buffer<U>;
+
+  /// DoRA computes ‖W + s·B·A‖ in blocks of this many "out" rows (no full-size temporary).
+  static constexpr Index norm_block_rows = 64;
+
+  /// out = sign · s·B·A + beta · out, in the layout (`[out, in]`, or its transpose).
+  static void write_delta(const adapter_type& a, bool in_out, Scratch& scratch, MatrixView<T> out, T sign, T beta) {
+    if (!in_out) {
+      scratch.reserve_gemm(a.out, a.in, a.r);
+      Backend::template gemm<Trans::no, Trans::no>(scratch, sign * a.scaling, a.B(), a.A(), beta, out);
+    } else {
+      scratch.reserve_gemm(a.in, a.out, a.r);
+      Backend::template gemm<Trans::yes, Trans::yes>(scratch, sign * a.scaling, a.A(), a.B(), beta, out);
+    }
+  }
+
+  /// Grows `scratch` (and `block`, if given) for weight_norm().
+  static void reserve_norm(const adapter_type& a, bool in_out, Scratch& scratch, buffer<T>* block = nullptr) {
+    const Index nb = std::min(norm_block_rows, a.out), tail = a.out % norm_block_rows;
+    for (Index rows : {nb, tail}) {
+      if (in_out) scratch.reserve_gemm(a.in, rows, a.r);
+      else scratch.reserve_gemm(rows, a.in, a.r);
+    }
+    if (block) block->resize(std::size_t(nb * a.in));
+  }
+
+  /// n[o] = ‖(W + s·B·A)[o, :]‖₂ over "in" (PEFT's get_weight_norm). Blocks of norm_block_rows "out" rows go
+  /// through `block` (norm_block_rows · in elements).
+  static void weight_norm(const adapter_type& a, bool in_out, ConstMatrixView<T> w, Scratch& scratch, T* block, T* n) {
+    for (Index o0 = 0; o0 < a.out; o0 += norm_block_rows) {
+      const Index nb = std::min(norm_block_rows, a.out - o0);
+      if (!in_out) {
+        MatrixView<T> v(block, nb, a.in);
+        Backend::copy(w.row_block(o0, nb), v);
+        Backend::template gemm<Trans::no, Trans::no>(scratch, a.scaling, a.B().row_block(o0, nb), a.A(), T(1), v);
+        Backend::row_norms(ConstMatrixView<T>(v), n + o0);
+      } else {
+        MatrixView<T> v(block, a.in, nb);
+        Backend::copy(ConstMatrixView<T>(w.data + o0, a.in, nb, w.stride), v);
+        Backend::template gemm<Trans::yes, Trans::yes>(scratch, a.scaling, a.A(), a.B().row_block(o0, nb), T(1), v);
+        Backend::col_norms(ConstMatrixView<T>(v), n + o0);
+      }
+    }
+  }
+
+  /// m ← ‖W + s·B·A‖ (PEFT's DoRA update_layer), after A and B are initialised; sizes the magnitude.
+  static void init_magnitude(adapter_type& a, bool in_out, ConstMatrixView<T> w) {
+    a.magnitude.resize(std::size_t(a.out));
+    a.grad_magnitude.resize(std::size_t(a.out));
+    Scratch scratch;
+    buffer<T> block;
+    reserve_norm(a, in_out, scratch, &block);
+    weight_norm(a, in_out, w, scratch, block.data(), a.magnitude.data());
+  }
+
+  /// The forward's norm of DoRA adapter `a` and its gains: norm, g = m / norm (detached), g − 1 ([out] each).
+  static void gains(const adapter_type& a, bool in_out, ConstMatrixView<T> w, Scratch& scratch, T* block, T* norm, T* g, T* g_m1) {
+    weight_norm(a, in_out, w, scratch, block, norm);
+    Backend::div(a.M(), ConstMatrixView<T>(norm, 1, a.out), MatrixView<T>(g, 1, a.out));
+    MatrixView<T> gm1(g_m1, 1, a.out);
+    Backend::fill(gm1, T(-1));
+    Backend::axpby(T(1), ConstMatrixView<T>(g, 1, a.out), T(1), gm1);
+  }
+
+  /// w ← w ⊙ v per "out" (rows of [out, in], columns of [in, out]).
+  static void scale_out(bool in_out, MatrixView<T> w, const T* v) {
+    if (!in_out) Backend::scale_rows(w, v);
+    else Backend::scale_cols(w, v);
+  }
+
+  /// Takes merged adapter `a` out of w: w − ΔW (LoRA), w ⊙ (norm / m) − ΔW (DoRA, the norm cached at merge).
+  static void undo_merge(const adapter_type& a, bool in_out, Scratch& scratch, MatrixView<T> w) {
+    if (a.dora()) {
+      buffer<T> inv(std::size_t(a.out));
+      Backend::div(ConstMatrixView<T>(a.merge_norm.view(1, a.out)), a.M(), inv.view(1, a.out));  // 1 / g
+      scale_out(in_out, w, inv.data());
+    }
+    write_delta(a, in_out, scratch, w, T(-1), T(1));
+  }
+
+  /// DoRA merge of adapters[slot] into w (the base weight or a copy of it): norm_out ← ‖W₀ + ΔW‖, w ← (m /
+  /// norm_out) ⊙ (w + ΔW). W₀ is w with the other merged adapters of the bank undone, last merged first
+  /// (PEFT's _unmerged_base_weight).
+  static void dora_merge(const std::vector<adapter_type>& adapters, int slot, bool in_out, Scratch& scratch, MatrixView<T> w, T* norm_out) {
+    const auto& a = adapters[std::size_t(slot)];
+    std::vector<int> merged;
+    for (std::size_t j = 0; j < adapters.size(); ++j)
+      if (adapters[j].merged && int(j) != slot) merged.push_back(int(j));
+    std::sort(merged.begin(), merged.end(), [&](int i, int j) { return adapters[std::size_t(i)].merge_order > adapters[std::size_t(j)].merge_order; });
+    buffer<T> w0_buf;
+    ConstMatrixView<T> w0 = w;
+    if (!merged.empty()) {
+      w0_buf.resize(std::size_t(w.size()));
+      auto v = w0_buf.view(w.rows, w.cols);
+      Backend::copy(ConstMatrixView<T>(w), v);
+      for (int j : merged) undo_merge(adapters[std::size_t(j)], in_out, scratch, v);
+      w0 = v;
+    }
+    buffer<T> block;
+    reserve_norm(a, in_out, scratch, &block);
+    weight_norm(a, in_out, w0, scratch, block.data(), norm_out);
+    buffer<T> g(std::size_t(a.out));
+    Backend::div(a.M(), ConstMatrixView<T>(norm_out, 1, a.out), g.view(1, a.out));
+    write_delta(a, in_out, scratch, w, T(1), T(1));
+    scale_out(in_out, w, g.data());
+  }
+
+  /// Merges (sign > 0) or unmerges (sign < 0) adapters[slot] in the base weight `w` (and bias, for lora_bias),
+  /// with the bank's merge bookkeeping. LoRA: W ± ΔW. DoRA: see dora_merge; unmerge with the cached norm.
+  static void apply(std::vector<adapter_type>& adapters, int slot, bool in_out, MatrixView<T> w, MatrixView<T> bias, T sign,
+                    std::uint64_t& merge_counter) {
+    auto& a = adapters[std::size_t(slot)];
+    Scratch scratch;
+    if (!a.dora()) {
+      write_delta(a, in_out, scratch, w, sign, T(1));
+      if (a.config.lora_bias) Backend::axpby(sign * a.scaling, ConstMatrixView<T>(a.bias.view(1, a.out)), T(1), bias);
+    } else if (sign > 0) {
+      a.merge_norm.resize(std::size_t(a.out));
+      dora_merge(adapters, slot, in_out, scratch, w, a.merge_norm.data());
+    } else {
+      undo_merge(a, in_out, scratch, w);
+    }
+    a.merged = sign > 0;
+    a.merge_order = sign > 0 ? ++merge_counter : 0;
+  }
+
+  /// The merged weight of adapters[slot], computed in `w`, a copy of the base weight (safe merging).
+  static void preview(const std::vector<adapter_type>& adapters, int slot, bool in_out, Scratch& scratch, MatrixView<T> w) {
+    const auto& a = adapters[std::size_t(slot)];
+    if (!a.dora()) {
+      write_delta(a, in_out, scratch, w, T(1), T(1));
+      return;
+    }
+    buffer<T> norm(std::size_t(a.out));
+    dora_merge(adapters, slot, in_out, scratch, w, norm.data());
+  }
+};
+
+}  // namespace detail
+
 template <class Base>
 class LoraBank;
 
@@ -163,9 +315,10 @@ class LoraBank<Linear<T, Backend>> {
   using Scratch = typename Backend::template GemmScratch<T>;
   template <class U>
   using buffer = typename Backend::template buffer<U>;
+  using Ops = detail::LoraWeightOps<T, Backend>;
 
   /// DoRA computes ‖W + s·B·A‖_row in blocks of this many output rows (no [out, in] temporary).
-  static constexpr Index norm_block_rows = 64;
+  static constexpr Index norm_block_rows = Ops::norm_block_rows;
 
   /// Per-forward state: which slots ran, and their saved activations.
   struct Context {
@@ -220,12 +373,7 @@ class LoraBank<Linear<T, Backend>> {
     }
     if (cfg.use_dora) {
       // PEFT's DoraLinearLayer.update_layer: m = ‖W + s·B·A‖_row, after A and B are initialised
-      a.magnitude.resize(std::size_t(a.out));
-      a.grad_magnitude.resize(std::size_t(a.out));
-      Scratch scratch;
-      buffer<T> block;
-      reserve_norm(a, scratch, &block);
-      weight_norm(a, base.weight(), scratch, block.data(), a.magnitude.data());
+      Ops::init_magnitude(a, a.config.fan_in_fan_out, base.weight());
     }
     adapters_.push_back(std::move(a));
     if (cfg.use_dora) bind_base(const_cast<base_type&>(base));  // Adapted's base_ is not const; only add() sees it as const
@@ -268,7 +416,7 @@ class LoraBank<Linear<T, Backend>> {
         s.scale_m1.resize(std::size_t(a.out));
         dora_out = a.out;
         dora_in = a.in;
-        reserve_norm(a, scratch);
+        Ops::reserve_norm(a, a.config.fan_in_fan_out, scratch);
         scratch.reserve_gemm(max_batch, a.out, a.in);  // xd Wᵀ (dropout)
         scratch.reserve_gemm(max_batch, a.in, a.out);  // dx += G W
         scratch.reserve_gemm(a.out, a.in, max_batch);  // dW ([out, in])
@@ -386,46 +534,20 @@ class LoraBank<Linear<T, Backend>> {
   /// other merged adapters taken out (PEFT's _unmerged_base_weight); n is cached for the unmerge
   /// W ← W ⊘ (m / n) − ΔW.
   void apply_delta(int slot, base_type& base, T sign) {
-    auto& a = adapters_[std::size_t(slot)];
-    Scratch scratch;
-    if (!a.dora()) {
-      write_delta(slot, scratch, base.weight(), sign, T(1));
-      if (a.config.lora_bias) Backend::axpby(sign * a.scaling, ConstMatrixView<T>(a.bias.view(1, a.out)), T(1), base.bias());
-    } else {
-      bind_base(base);
-      if (sign > 0) {
-        a.merge_norm.resize(std::size_t(a.out));
-        dora_merge(slot, scratch, base.weight(), a.merge_norm.data());
-      } else {
-        undo_merge(slot, scratch, base.weight());
-      }
-    }
-    a.merged = sign > 0;
-    a.merge_order = sign > 0 ? ++merge_counter_ : 0;
+    if (adapters_[std::size_t(slot)].dora()) bind_base(base);
+    Ops::apply(adapters_, slot, adapters_[std::size_t(slot)].config.fan_in_fan_out, base.weight(), base.bias(), sign, merge_counter_);
   }
 
   /// The merged weight, computed in `w`, a copy of the base weight (safe merging).
   void merge_preview(int slot, Scratch& scratch, MatrixView<T> w) const {
-    const auto& a = adapters_[std::size_t(slot)];
-    if (!a.dora()) {
-      write_delta(slot, scratch, w, T(1), T(1));
-      return;
-    }
-    buffer<T> norm(std::size_t(a.out));
-    dora_merge(slot, scratch, w, norm.data());
+    Ops::preview(adapters_, slot, adapters_[std::size_t(slot)].config.fan_in_fan_out, scratch, w);
   }
 
   /// out = sign · ΔW + beta · out, ΔW = s · B A in the base layout ([out, in], or [in, out] for fan_in_fan_out).
   /// For a DoRA adapter this is the plain LoRA delta too, as PEFT's get_delta_weight.
   void write_delta(int slot, Scratch& scratch, MatrixView<T> out, T sign, T beta) const {
     const auto& a = adapters_[std::size_t(slot)];
-    if (!a.config.fan_in_fan_out) {
-      scratch.reserve_gemm(a.out, a.in, a.r);
-      Backend::template gemm<Trans::no, Trans::no>(scratch, sign * a.scaling, a.B(), a.A(), beta, out);
-    } else {
-      scratch.reserve_gemm(a.in, a.out, a.r);
-      Backend::template gemm<Trans::yes, Trans::yes>(scratch, sign * a.scaling, a.A(), a.B(), beta, out);
-    }
+    Ops::write_delta(a, a.config.fan_in_fan_out, scratch, out, sign, beta);
   }
 
   /// Visits lora_A.<name>.weight, lora_B.<name>.weight (+ lora_B.<name>.bias with lora_bias) and, for DoRA,
@@ -459,35 +581,6 @@ class LoraBank<Linear<T, Backend>> {
     return *base_;
   }
 
-  /// Grows `scratch` (and `block`, if given) for weight_norm() of adapter `a`.
-  static void reserve_norm(const adapter_type& a, Scratch& scratch, buffer<T>* block = nullptr) {
-    const Index nb = std::min(norm_block_rows, a.out), tail = a.out % norm_block_rows;
-    for (Index rows : {nb, tail}) {
-      if (a.config.fan_in_fan_out) scratch.reserve_gemm(a.in, rows, a.r);
-      else scratch.reserve_gemm(rows, a.in, a.r);
-    }
-    if (block) block->resize(std::size_t(nb * a.in));
-  }
-
-  /// n[o] = ‖(W + s·B·A)[o, :]‖₂ over the input dimension (PEFT's get_weight_norm), W in the base layout.
-  /// Blocks of norm_block_rows output rows go through `block` (norm_block_rows · in elements).
-  static void weight_norm(const adapter_type& a, ConstMatrixView<T> w, Scratch& scratch, T* block, T* n) {
-    for (Index o0 = 0; o0 < a.out; o0 += norm_block_rows) {
-      const Index nb = std::min(norm_block_rows, a.out - o0);
-      if (!a.config.fan_in_fan_out) {
-        MatrixView<T> v(block, nb, a.in);
-        Backend::copy(w.row_block(o0, nb), v);
-        Backend::template gemm<Trans::no, Trans::no>(scratch, a.scaling, a.B().row_block(o0, nb), a.A(), T(1), v);
-        Backend::row_norms(ConstMatrixView<T>(v), n + o0);
-      } else {
-        MatrixView<T> v(block, a.in, nb);
-        Backend::copy(ConstMatrixView<T>(w.data + o0, a.in, nb, w.stride), v);
-        Backend::template gemm<Trans::yes, Trans::yes>(scratch, a.scaling, a.A(), a.B().row_block(o0, nb), T(1), v);
-        Backend::col_norms(ConstMatrixView<T>(v), n + o0);
-      }
-    }
-  }
-
   /// One DoRA slot's forward (t = xin Aᵀ is computed): norm, g, the saved q, and y += (g − 1) ⊙ base term +
   /// g ⊙ s·t Bᵀ.
   void dora_forward(Context& ctx, typename Context::Slot& s, Scratch& scratch, const adapter_type& a, ConstMatrixView<T> xin,
@@ -497,10 +590,7 @@ class LoraBank<Linear<T, Backend>> {
     const auto norm = s.norm.view(1, a.out);
     const auto scale = s.scale.view(1, a.out);
     const auto scale_m1 = s.scale_m1.view(1, a.out);
-    weight_norm(a, base.weight(), scratch, ctx.wblock.data(), norm.data);
-    Backend::div(a.M(), ConstMatrixView<T>(norm), scale);  // g = m / ‖W + s·B·A‖ (detached)
-    Backend::fill(scale_m1, T(-1));
-    Backend::axpby(T(1), ConstMatrixView<T>(scale), T(1), scale_m1);  // g − 1
+    Ops::gains(a, a.config.fan_in_fan_out, base.weight(), scratch, ctx.wblock.data(), norm.data, scale.data, scale_m1.data);  // g = m / ‖W + s·B·A‖ (detached)
     auto q = s.q.view(m, a.out);
     if (!s.dropped) {
       // PEFT passes the running result: the base output and every slot before this one, minus the base bias
@@ -527,49 +617,6 @@ class LoraBank<Linear<T, Backend>> {
   static void weight_grad_add(Scratch& scratch, base_type& base, ConstMatrixView<T> g, ConstMatrixView<T> x) {
     if (base.layout() == WeightLayout::out_in) Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), g, x, T(1), base.weight_grad());
     else Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), x, g, T(1), base.weight_grad());
-  }
-
-  /// w ← w ⊙ v per output row (rows of [out, in], columns of [in, out]).
-  static void scale_out_rows(const adapter_type& a, MatrixView<T> w, const T* v) {
-    if (!a.config.fan_in_fan_out) Backend::scale_rows(w, v);
-    else Backend::scale_cols(w, v);
-  }
-
-  /// DoRA merge of `slot` into w (the base weight or a copy of it): norm_out ← ‖W₀ + ΔW‖_row, w ← (m /
-  /// norm_out) ⊙ (w + ΔW). W₀ is w with this bank's merged adapters undone, last merged first.
-  void dora_merge(int slot, Scratch& scratch, MatrixView<T> w, T* norm_out) const {
-    const auto& a = adapters_[std::size_t(slot)];
-    std::vector<int> merged;
-    for (std::size_t j = 0; j < adapters_.size(); ++j)
-      if (adapters_[j].merged && int(j) != slot) merged.push_back(int(j));
-    std::sort(merged.begin(), merged.end(), [&](int i, int j) { return adapters_[std::size_t(i)].merge_order > adapters_[std::size_t(j)].merge_order; });
-    buffer<T> w0_buf;
-    ConstMatrixView<T> w0 = w;
-    if (!merged.empty()) {
-      w0_buf.resize(std::size_t(w.size()));
-      auto v = w0_buf.view(w.rows, w.cols);
-      Backend::copy(ConstMatrixView<T>(w), v);
-      for (int j : merged) undo_merge(j, scratch, v);
-      w0 = v;
-    }
-    buffer<T> block;
-    reserve_norm(a, scratch, &block);
-    weight_norm(a, w0, scratch, block.data(), norm_out);
-    buffer<T> g(std::size_t(a.out));
-    Backend::div(a.M(), ConstMatrixView<T>(norm_out, 1, a.out), g.view(1, a.out));
-    write_delta(slot, scratch, w, T(1), T(1));
-    scale_out_rows(a, w, g.data());
-  }
-
-  /// Takes merged adapter `slot` out of w: w − ΔW (LoRA), w ⊙ (norm / m) − ΔW (DoRA, the cached norm).
-  void undo_merge(int slot, Scratch& scratch, MatrixView<T> w) const {
-    const auto& a = adapters_[std::size_t(slot)];
-    if (a.dora()) {
-      buffer<T> inv(std::size_t(a.out));
-      Backend::div(ConstMatrixView<T>(a.merge_norm.view(1, a.out)), a.M(), inv.view(1, a.out));  // 1 / g
-      scale_out_rows(a, w, inv.data());
-    }
-    write_delta(slot, scratch, w, T(-1), T(1));
   }
 
   std::vector<adapter_type> adapters_;

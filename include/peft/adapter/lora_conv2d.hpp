@@ -1,8 +1,14 @@
-// peft++ — LoRA on Conv2d layers, as PEFT's lora.Conv2d:
+// peft++ — LoRA and DoRA on Conv2d layers, as PEFT's lora.Conv2d:
 //
 //   A: a conv C → r with the base's kernel, stride, padding (and dilation), weight [r, C·kh·kw]
 //   B: a 1×1 conv r → O, weight [O, r] (bias [O] with lora_bias)
 //   y_n += s · B · (A · cols(dropout(x)_n))      ΔW = s · B A  ([O, C·kh·kw], the base kernel's layout)
+//
+// DoRA (use_dora), as PEFT's DoraConv2dLayer: m [O] (checkpoint shape (1, O, 1, 1)), the norm per output
+// channel over (C, kh, kw) — the row norms of W + s·B·A viewed as [O, C·kh·kw] — detached, and per channel
+// (broadcast over positions) the rule of LoRA's Linear DoRA:
+//   y ← y + (g − 1) ⊙ (y − b) + g ⊙ s·B·A·cols(x)           (no dropout, or eval mode)
+//   y ← y + (g − 1) ⊙ conv(xd, W) + g ⊙ s·B·A·cols(xd)     (dropout active, xd = dropout(x))
 //
 // PEFT builds lora_A without the base's dilation, which fails for dilated convolutions; peft++ uses the
 // base's dilation, so LoRA works there and merges exactly.
@@ -25,12 +31,17 @@ class LoraBank<Conv2d<T, Backend>> {
   using Scratch = typename Backend::template GemmScratch<T>;
   template <class U>
   using buffer = typename Backend::template buffer<U>;
+  using Ops = detail::LoraWeightOps<T, Backend>;
 
   struct Context {
     struct Slot {
       buffer<T> t;    ///< A · cols(x_n) for every image, [batch, r·Ho·Wo]
       buffer<T> xd;   ///< dropout(x), [batch, C·H·W] (only with lora_dropout > 0)
       buffer<T> dxd;  ///< gradient w.r.t. dropout(x) (only with lora_dropout > 0)
+      // DoRA only:
+      buffer<T> q;                 ///< [batch, O·P]: base term + s·lora; dm = Σ dy ⊙ q / norm per channel
+      buffer<T> norm, scale, scale_m1;  ///< [O]: ‖W + s·B·A‖ per channel (detached), g = m / norm, g − 1
+      buffer<T> scale_x, scale_m1_x;    ///< [O·P]: g and g − 1 repeated over the positions
       bool dropped = false;
       std::uint64_t stream = 0;
     };
@@ -38,6 +49,10 @@ class LoraBank<Conv2d<T, Backend>> {
     std::vector<int> ran;
     Conv2dGeometry geo;  ///< the base's geometry when the context was made
     buffer<T> cols, dcols, g;  ///< one image: [C·kh·kw, Ho·Wo], [C·kh·kw, Ho·Wo], [r_max, Ho·Wo]
+    // DoRA only (empty without DoRA adapters):
+    buffer<T> work0, work1;  ///< [batch, O·P]: the scaled LoRA term in forward; running output gradients in backward
+    buffer<T> wblock;        ///< a block of W + s·B·A for the norm
+    buffer<T> vec;           ///< [O·P]: the magnitude gradient before the per-channel sum
   };
 
   std::size_t size() const noexcept { return adapters_.size(); }
@@ -46,7 +61,6 @@ class LoraBank<Conv2d<T, Backend>> {
 
   int add(const base_type& base, const LoraConfig& cfg, Generator& gen, std::string_view name) {
     cfg.validate();
-    if (cfg.use_dora) throw ConfigError(detail::cat("LoRA adapter '", name, "': use_dora (DoRA) is not implemented on a Conv2d layer yet"));
     if (cfg.fan_in_fan_out) throw ConfigError(detail::cat("LoRA adapter '", name, "': fan_in_fan_out does not apply to a Conv2d layer"));
     if (cfg.lora_bias && !base.has_bias()) throw ConfigError(detail::cat("LoRA adapter '", name, "': lora_bias needs a base layer with a bias"));
     const auto& geo = base.geometry();
@@ -64,10 +78,18 @@ class LoraBank<Conv2d<T, Backend>> {
       }
       case LoraInit::zeros: break;
     }
+    if (cfg.use_dora) Ops::init_magnitude(a, false, base.weight());  // m = ‖W + s·B·A‖ per output channel
     adapters_.push_back(std::move(a));
+    if (cfg.use_dora) bind_base(const_cast<base_type&>(base));
     return int(adapters_.size() - 1);
   }
   void remove(int slot) { adapters_.erase(adapters_.begin() + slot); }
+
+  /// DoRA reads the base weight and bias; Adapted binds its base before every forward and backward.
+  void bind_base(base_type& base) noexcept {
+    base_ = &base;
+    self_ = this;
+  }
 
   void make_context(Context& ctx, Scratch& scratch, Index max_batch, const base_type& base) const {
     ctx.slots.resize(adapters_.size());
@@ -76,6 +98,7 @@ class LoraBank<Conv2d<T, Backend>> {
     const auto& geo = ctx.geo;
     const Index k = geo.patch(), p = geo.positions(), o = geo.out_channels;
     Index r_max = 0;
+    bool any_dora = false;
     for (std::size_t i = 0; i < adapters_.size(); ++i) {
       const auto& a = adapters_[i];
       auto& s = ctx.slots[i];
@@ -91,17 +114,36 @@ class LoraBank<Conv2d<T, Backend>> {
       scratch.reserve_gemm(o, a.r, p);
       scratch.reserve_gemm(a.r, k, p);
       scratch.reserve_gemm(k, p, a.r);
+      if (a.dora()) {
+        any_dora = true;
+        s.q.resize(std::size_t(max_batch * o * p));
+        for (auto* v : {&s.norm, &s.scale, &s.scale_m1}) v->resize(std::size_t(o));
+        s.scale_x.resize(std::size_t(o * p));
+        s.scale_m1_x.resize(std::size_t(o * p));
+        Ops::reserve_norm(a, false, scratch);
+        scratch.reserve_gemm(o, p, k);  // conv(xd, W)
+        scratch.reserve_gemm(k, p, o);  // Wᵀ · d_n
+        scratch.reserve_gemm(o, k, p);  // dW
+      }
     }
     if (!adapters_.empty()) {
       ctx.cols.resize(std::size_t(k * p));
       ctx.dcols.resize(std::size_t(k * p));
       ctx.g.resize(std::size_t(r_max * p));
     }
+    if (any_dora) {
+      ctx.work0.resize(std::size_t(max_batch * o * p));
+      ctx.work1.resize(std::size_t(max_batch * o * p));
+      ctx.wblock.resize(std::size_t(std::min(Ops::norm_block_rows, o) * k));
+      ctx.vec.resize(std::size_t(o * p));
+    }
   }
 
+  /// y += Σ_{slot in active} s · B·A·cols(dropout(x)) (+ s·b_B), in order; DoRA slots as in the file comment.
   void forward(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T> x, MatrixView<T> y, bool dropout_on,
                std::uint64_t seed, std::uint64_t stream0) const {
     ctx.ran.assign(active.begin(), active.end());
+    if (active.empty()) return;  // no LoRA adapter on this layer (another kind's only): the buffers are empty
     const auto& geo = ctx.geo;
     const Index k = geo.patch(), p = geo.positions(), o = geo.out_channels;
     auto cols = ctx.cols.view(k, p);
@@ -116,65 +158,107 @@ class LoraBank<Conv2d<T, Backend>> {
         Backend::dropout(x, xd, a.config.lora_dropout, seed, s.stream);
         xin = xd;
       }
+      // plain LoRA adds s·B·t straight into y; DoRA collects it (and the dropout base term) first
+      const base_type* base = a.dora() ? &bound_base("forward") : nullptr;
+      MatrixView<T> lora = a.dora() ? ctx.work0.view(x.rows, o * p) : y;
       for (Index n = 0; n < x.rows; ++n) {
         Backend::im2col(geo, xin.data + n * xin.stride, cols);
         auto t = MatrixView<T>(s.t.data() + n * a.r * p, a.r, p);
         Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), a.A(), ConstMatrixView<T>(cols), T(0), t);
-        auto yn = base_type::image(y, n, o, p);
-        Backend::template gemm<Trans::no, Trans::no>(scratch, a.scaling, a.B(), ConstMatrixView<T>(t), T(1), yn);
-        if (a.config.lora_bias) Backend::add_col_vector(yn, a.bias.data(), a.scaling);
+        auto ln = base_type::image(lora, n, o, p);
+        Backend::template gemm<Trans::no, Trans::no>(scratch, a.scaling, a.B(), ConstMatrixView<T>(t), a.dora() ? T(0) : T(1), ln);
+        if (a.config.lora_bias) Backend::add_col_vector(ln, a.bias.data(), a.scaling);
+        if (a.dora() && s.dropped)  // conv(dropout(x), W), without the bias
+          Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), base->weight(), ConstMatrixView<T>(cols), T(0),
+                                                       base_type::image(s.q.view(x.rows, o * p), n, o, p));
       }
+      if (a.dora()) dora_forward(ctx, s, scratch, a, *base, y);
     }
   }
 
+  /// Backward of the slots that ran, last first, with the running-output gradient d (as LoRA's Linear bank).
   void backward(Context& ctx, Scratch& scratch, ConstMatrixView<T> x, ConstMatrixView<T> dy, MatrixView<T> dx, GradMode mode, std::uint64_t seed) {
     const auto& geo = ctx.geo;
-    const Index k = geo.patch(), p = geo.positions(), o = geo.out_channels;
+    const Index k = geo.patch(), p = geo.positions(), o = geo.out_channels, m = dy.rows;
     const T beta = mode == GradMode::accumulate ? T(1) : T(0);
+    if (ctx.ran.empty()) return;
     auto cols = ctx.cols.view(k, p);
     auto dcols = ctx.dcols.view(k, p);
-    for (int slot : ctx.ran) {
+    ConstMatrixView<T> d = dy;  // gradient w.r.t. the running output after the slot being processed
+    MatrixView<T> d_buf;        // the work buffer d lives in once a DoRA slot without dropout has scaled it
+    for (auto it = ctx.ran.rbegin(); it != ctx.ran.rend(); ++it) {
+      const int slot = *it;
       auto& a = adapters_[std::size_t(slot)];
       auto& s = ctx.slots[std::size_t(slot)];
+      ConstMatrixView<T> dl = d;  // upstream gradient of this slot's s·B·A branch
+      MatrixView<T> gd;
+      if (a.dora()) {
+        gd = (d_buf.data == ctx.work0.data() ? ctx.work1 : ctx.work0).view(m, o * p);
+        Backend::add_scaled_cols(d, s.scale_x.data(), T(0), gd);  // g ⊙ d
+        dl = gd;
+        if (a.requires_grad) {  // dm_c = Σ_{n, p} d ⊙ q / norm_c
+          Backend::sum_rows_mul(d, ConstMatrixView<T>(s.q.view(m, o * p)), ctx.vec.data(), T(1), T(0));
+          auto per_channel = ctx.vec.view(o, p);
+          Backend::sum_cols(ConstMatrixView<T>(per_channel), ctx.vec.data(), T(1), T(0));  // in place: row c reads before element c is written
+          auto v = ctx.vec.view(1, o);
+          Backend::div(ConstMatrixView<T>(v), ConstMatrixView<T>(s.norm.view(1, o)), v);
+          Backend::axpby(T(1), ConstMatrixView<T>(v), beta, a.grad_M());
+        }
+      }
       auto g = ctx.g.view(a.r, p);
       ConstMatrixView<T> xin = s.dropped ? ConstMatrixView<T>(s.xd.view(x.rows, x.cols)) : x;
       MatrixView<T> dxin = s.dropped ? s.dxd.view(x.rows, x.cols) : dx;
-      for (Index n = 0; n < dy.rows; ++n) {
-        const auto dyn = base_type::image(dy, n, o, p);
-        Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), a.B(), dyn, T(0), g);  // g = Bᵀ dy_n
+      for (Index n = 0; n < m; ++n) {
+        const auto dln = base_type::image(dl, n, o, p);
+        Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), a.B(), dln, T(0), g);  // g = Bᵀ dl_n
         if (a.requires_grad) {
           const T b = n == 0 ? beta : T(1);
           const auto t = ConstMatrixView<T>(s.t.data() + n * a.r * p, a.r, p);
-          Backend::template gemm<Trans::no, Trans::yes>(scratch, a.scaling, dyn, t, b, a.grad_B());
+          Backend::template gemm<Trans::no, Trans::yes>(scratch, a.scaling, dln, t, b, a.grad_B());
           Backend::im2col(geo, xin.data + n * xin.stride, cols);
           Backend::template gemm<Trans::no, Trans::yes>(scratch, a.scaling, ConstMatrixView<T>(g), ConstMatrixView<T>(cols), b, a.grad_A());
-          if (a.config.lora_bias) Backend::sum_cols(dyn, a.grad_bias.data(), a.scaling, b);
+          if (a.config.lora_bias) Backend::sum_cols(dln, a.grad_bias.data(), a.scaling, b);
         }
         if (dx.empty()) continue;
         Backend::template gemm<Trans::yes, Trans::no>(scratch, a.scaling, a.A(), ConstMatrixView<T>(g), T(0), dcols);
         Backend::col2im(geo, ConstMatrixView<T>(dcols), s.dropped ? T(0) : T(1), dxin.data + n * dxin.stride);
+      }
+      if (a.dora() && !s.dropped) {
+        // y_k = y_{k-1} + (g − 1) ⊙ (y_{k-1} − b) + …: the gradient reaching the earlier output is g ⊙ d
+        d = gd;
+        d_buf = gd;
+      }
+      if (a.dora() && s.dropped) {
+        // the base term (g − 1) ⊙ conv(dropout(x), W): into d(dropout(x)) and, for a trainable base, dW
+        Backend::add_scaled_cols(d, s.scale_m1_x.data(), T(0), gd);
+        base_type& base = bound_base("backward");
+        conv_input_and_weight_grad(ctx, scratch, base, ConstMatrixView<T>(gd), xin, dx.empty() ? MatrixView<T>{} : dxin);
       }
       if (s.dropped && !dx.empty()) {
         Backend::dropout(ConstMatrixView<T>(dxin), dxin, a.config.lora_dropout, seed, s.stream);  // the same mask
         Backend::axpby(T(1), ConstMatrixView<T>(dxin), T(1), dx);
       }
     }
+    if (d_buf.data) {
+      // The base (and what ran before) fed an output that DoRA rescaled: its gradient is d, not the dy the base
+      // layer's backward used. Add the difference through W (the bias is not rescaled: its gradient stays dy).
+      Backend::axpby(T(-1), dy, T(1), d_buf);  // d − dy
+      conv_input_and_weight_grad(ctx, scratch, bound_base("backward"), ConstMatrixView<T>(d_buf), x, dx);
+    }
   }
 
-  void apply_delta(int slot, base_type& base, T sign) const {
-    const auto& a = adapters_[std::size_t(slot)];
-    Scratch scratch;
-    write_delta(slot, scratch, base.weight(), sign, T(1));
-    if (a.config.lora_bias) Backend::axpby(sign * a.scaling, ConstMatrixView<T>(a.bias.view(1, a.out)), T(1), base.bias());
+  void apply_delta(int slot, base_type& base, T sign) {
+    if (adapters_[std::size_t(slot)].dora()) bind_base(base);
+    Ops::apply(adapters_, slot, false, base.weight(), base.bias(), sign, merge_counter_);
   }
-  void merge_preview(int slot, Scratch& scratch, MatrixView<T> w) const { write_delta(slot, scratch, w, T(1), T(1)); }
-  /// out = sign · s · B A + beta · out, [O, C·kh·kw].
+  void merge_preview(int slot, Scratch& scratch, MatrixView<T> w) const { Ops::preview(adapters_, slot, false, scratch, w); }
+  /// out = sign · s · B A + beta · out, [O, C·kh·kw] (the plain LoRA delta for DoRA too, as PEFT).
   void write_delta(int slot, Scratch& scratch, MatrixView<T> out, T sign, T beta) const {
-    const auto& a = adapters_[std::size_t(slot)];
-    scratch.reserve_gemm(a.out, a.in, a.r);
-    Backend::template gemm<Trans::no, Trans::no>(scratch, sign * a.scaling, a.B(), a.A(), beta, out);
+    Ops::write_delta(adapters_[std::size_t(slot)], false, scratch, out, sign, beta);
   }
 
+  /// lora_A.<name>.weight, lora_B.<name>.weight (+ lora_B.<name>.bias), and for DoRA
+  /// lora_magnitude_vector.<name>.weight (PEFT's in-memory names).
   template <class F>
   void visit_parameters(int slot, std::string_view name, F&& f) {
     auto& a = adapters_[std::size_t(slot)];
@@ -182,6 +266,9 @@ class LoraBank<Conv2d<T, Backend>> {
     f(ParamRef<T>{"lora_A." + n + ".weight", a.a.data(), a.grad_a.data(), a.a.size(), a.requires_grad});
     f(ParamRef<T>{"lora_B." + n + ".weight", a.b.data(), a.grad_b.data(), a.b.size(), a.requires_grad});
     if (a.config.lora_bias) f(ParamRef<T>{"lora_B." + n + ".bias", a.bias.data(), a.grad_bias.data(), a.bias.size(), a.requires_grad});
+    if (a.dora())
+      f(ParamRef<T>{"lora_magnitude_vector." + n + ".weight", a.magnitude.data(), a.grad_magnitude.data(), a.magnitude.size(),
+                    a.requires_grad});
   }
   void set_requires_grad(int slot, bool on) { adapters_[std::size_t(slot)].requires_grad = on; }
   void zero_grad(int slot) {
@@ -189,10 +276,64 @@ class LoraBank<Conv2d<T, Backend>> {
     a.grad_a.zero();
     a.grad_b.zero();
     a.grad_bias.zero();
+    a.grad_magnitude.zero();
   }
 
  private:
+  base_type& bound_base(const char* where) const {
+    if (base_ == nullptr || self_ != this)
+      throw StateError(detail::cat("LoRA (DoRA) on Conv2d ", where, ": the adapter's bank was copied or moved outside its Adapted layer"));
+    return *base_;
+  }
+
+  /// One DoRA slot's forward, after the loop over images left s·lora in ctx.work0 (and conv(xd, W) in q when
+  /// dropped): norm, gains, q, and y += (g − 1) ⊙ base term + g ⊙ s·lora.
+  void dora_forward(Context& ctx, typename Context::Slot& s, Scratch& scratch, const adapter_type& a, const base_type& base,
+                    MatrixView<T> y) const {
+    const Index m = y.rows, o = ctx.geo.out_channels, p = ctx.geo.positions();
+    Ops::gains(a, false, base.weight(), scratch, ctx.wblock.data(), s.norm.data(), s.scale.data(), s.scale_m1.data());
+    for (Index c = 0; c < o; ++c) {
+      Backend::fill(MatrixView<T>(s.scale_x.data() + c * p, 1, p), s.scale[std::size_t(c)]);
+      Backend::fill(MatrixView<T>(s.scale_m1_x.data() + c * p, 1, p), s.scale_m1[std::size_t(c)]);
+    }
+    auto q = s.q.view(m, o * p);
+    if (!s.dropped) {
+      // PEFT passes the running result: the base output and every slot before this one, minus the base bias
+      Backend::copy(ConstMatrixView<T>(y), q);
+      if (base.has_bias())
+        for (Index n = 0; n < m; ++n) Backend::add_col_vector(base_type::image(q, n, o, p), base.bias().data, T(-1));
+    }
+    const auto lora = ConstMatrixView<T>(ctx.work0.view(m, o * p));
+    Backend::add_scaled_cols(ConstMatrixView<T>(q), s.scale_m1_x.data(), T(1), y);
+    Backend::add_scaled_cols(lora, s.scale_x.data(), T(1), y);
+    Backend::axpby(T(1), lora, T(1), q);
+  }
+
+  /// For a gradient gy [batch, O·P] of conv(x, W) (no bias): dx += conv input gradient (if dx is not
+  /// empty) and dW += Σ_n gy_n cols(x_n)ᵀ (if the base is trainable).
+  void conv_input_and_weight_grad(Context& ctx, Scratch& scratch, base_type& base, ConstMatrixView<T> gy, ConstMatrixView<T> x,
+                                  MatrixView<T> dx) const {
+    const auto& geo = ctx.geo;
+    const Index k = geo.patch(), p = geo.positions(), o = geo.out_channels;
+    auto cols = ctx.cols.view(k, p);
+    auto dcols = ctx.dcols.view(k, p);
+    for (Index n = 0; n < gy.rows; ++n) {
+      const auto gn = base_type::image(gy, n, o, p);
+      if (!dx.empty()) {
+        Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), ConstMatrixView<T>(base.weight()), gn, T(0), dcols);
+        Backend::col2im(geo, ConstMatrixView<T>(dcols), T(1), dx.data + n * dx.stride);
+      }
+      if (base.requires_grad()) {
+        Backend::im2col(geo, x.data + n * x.stride, cols);
+        Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), gn, ConstMatrixView<T>(cols), T(1), base.weight_grad());
+      }
+    }
+  }
+
   std::vector<adapter_type> adapters_;
+  base_type* base_ = nullptr;   ///< the adapted layer's base (DoRA); see bind_base
+  const void* self_ = nullptr;  ///< this bank's address when base_ was set
+  std::uint64_t merge_counter_ = 0;
 };
 
 }  // namespace peft
