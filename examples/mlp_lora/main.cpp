@@ -22,7 +22,13 @@
 // change of W1 and its classes remapped: the pretrained features still help, and a low-rank update
 // of the hidden layers plus a new head is enough to learn it.
 //
-// Usage: mlp_lora [--epochs N] [--seed N]     (deterministic for a given seed)
+// With --method adalora, phase 2 uses AdaLoRA instead (SVD-form adapters, init_r = 8 per layer, whose rank
+// budget falls to target_r = 4 per layer on average while training): the training step adds PEFT's
+// orthogonal regulariser and calls the rank allocator after each optimizer step; the example prints the
+// budget as it falls and the final per-layer ranks, then truncates the adapters to their kept ranks and
+// checks that the accuracy is unchanged.
+//
+// Usage: mlp_lora [--epochs N] [--seed N] [--method lora|adalora]     (deterministic for a given seed)
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
@@ -32,6 +38,7 @@
 #include <cstring>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
 #include <unistd.h>  // isatty
@@ -39,6 +46,7 @@
 #include <vector>
 
 #include <peft/peft.hpp>
+#include <peft/adapter/adalora.hpp>
 #include <peft/train.hpp>
 
 namespace {
@@ -61,7 +69,8 @@ struct Relu {
   }
 };
 
-using LoraLinear = peft::Adapted<peft::Linear<float>, peft::Lora>;
+// fc1 and fc2 can hold LoRA or AdaLoRA adapters (the kinds are fixed at compile time, the adapters at run time).
+using LoraLinear = peft::Adapted<peft::Linear<float>, peft::Lora, peft::AdaLora>;
 
 struct Mlp {
   LoraLinear fc1;
@@ -276,16 +285,19 @@ int main(int argc, char** argv) {
   // ---- options ----------------------------------------------------------------------------------
   int epochs = 15;
   std::uint64_t seed = 0;
+  std::string method = "lora";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--epochs" && i + 1 < argc) epochs = std::max(1, std::atoi(argv[++i]));
     else if (a == "--seed" && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
+    else if (a == "--method" && i + 1 < argc && (std::string(argv[i + 1]) == "lora" || std::string(argv[i + 1]) == "adalora")) method = argv[++i];
     else {
-      std::fprintf(stderr, "usage: %s [--epochs N] [--seed N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--epochs N] [--seed N] [--method lora|adalora]\n", argv[0]);
       return 2;
     }
   }
-  std::printf("peft++ example: LoRA fine-tuning of a user-written MLP (%td -> %td -> %td -> %td), seed %llu\n\n", kIn, kHidden,
+  const bool ada = method == "adalora";
+  std::printf("peft++ example: %s fine-tuning of a user-written MLP (%td -> %td -> %td -> %td), seed %llu\n\n", ada ? "AdaLoRA" : "LoRA", kIn, kHidden,
               kHidden, kClasses, static_cast<unsigned long long>(seed));
 
   // ---- data -------------------------------------------------------------------------------------
@@ -350,7 +362,12 @@ int main(int argc, char** argv) {
   const peft::Linear<float> pretrained_head = model.head;  // PEFT's modules_to_save keeps the original too
 
   // ---- phase 2: LoRA fine-tuning on task B ------------------------------------------------------
-  std::printf("== phase 2: LoRA fine-tuning on task B (base frozen, LoRA r=4 on fc1 and fc2, head trainable) ==\n");
+  const long steps_per_epoch = long((train_b.size() + kBatch - 1) / kBatch);
+  const long total_steps = steps_per_epoch * epochs;
+  if (!ada)
+    std::printf("== phase 2: LoRA fine-tuning on task B (base frozen, LoRA r=4 on fc1 and fc2, head trainable) ==\n");
+  else
+    std::printf("== phase 2: AdaLoRA fine-tuning on task B (base frozen, AdaLoRA init_r=8 -> target_r=4 on fc1 and fc2, head trainable) ==\n");
   model.fc1.base().set_requires_grad(false);  // freeze the base (frees its gradients)
   model.fc2.base().set_requires_grad(false);
   // The head stays trainable: a new task needs a new classifier (PEFT's modules_to_save).
@@ -359,8 +376,19 @@ int main(int argc, char** argv) {
   lora.r = 4;
   lora.lora_alpha = 8;  // scaling = alpha / r = 2
   // PEFT's default init: A kaiming-uniform, B = 0, so the adapted model starts identical to the pretrained one.
+  peft::AdaLoraConfig adalora;  // PEFT's AdaLoraConfig names; default init E = 0: the identity at the start as well
+  adalora.init_r = 8;
+  adalora.target_r = 4;
+  adalora.lora_alpha = 8;                                 // ΔW = 8 / (8 + 1e-5) · B diag(E) A
+  adalora.total_step = int(total_steps);                  // required
+  adalora.tinit = int(total_steps / 10);                  // warm-up at the full budget
+  adalora.tfinal = int(total_steps / 5);                  // fine-tuning at the final ranks
+  adalora.deltaT = 4;                                     // reallocate every 4 steps while the budget falls
   peft::Generator lora_gen(seed + 3);
-  peft::for_each_adapted_layer(model, [&](auto& layer) { layer.add_adapter("default", lora, lora_gen); });
+  peft::for_each_adapted_layer(model, [&](auto& layer) {
+    if (ada) layer.add_adapter("default", adalora, lora_gen);
+    else layer.add_adapter("default", lora, lora_gen);
+  });
   ws = make_workspace(model);  // adding adapters invalidates contexts: make them again
 
   peft::print_trainable_parameters(model);
@@ -369,26 +397,48 @@ int main(int argc, char** argv) {
   const Snapshot adapters_init = snapshot(model);
 
   const double acc_b_before = accuracy(model, ws, test_b);
-  std::printf("task B test accuracy before: %.2f%% (%s the pretrained model's, since lora_B starts at zero)\n", 100.0 * acc_b_before,
-              acc_b_before == acc_b_pretrained ? "equal to" : "DIFFERENT FROM");
+  std::printf("task B test accuracy before: %.2f%% (%s the pretrained model's, since %s starts at zero)\n", 100.0 * acc_b_before,
+              acc_b_before == acc_b_pretrained ? "equal to" : "DIFFERENT FROM", ada ? "lora_E" : "lora_B");
+
+  // AdaLoRA: the rank allocator (PEFT's RankAllocator + update_and_allocate) over the model's adapters
+  std::optional<peft::adalora::RankAllocator<float>> alloc;
+  if (ada) {
+    alloc.emplace(model, adalora);
+    std::printf("AdaLoRA rank budget: %d (init_r x 2 layers) -> %d (target_r x 2 layers); warm-up to step %d, final ranks from step %d of %ld\n",
+                alloc->init_budget(), alloc->target_budget(), adalora.tinit, adalora.total_step - adalora.tfinal, total_steps);
+  }
+  auto print_ranks = [&](const char* prefix) {
+    std::printf("%s", prefix);
+    if (alloc->rank_pattern().empty()) std::printf(" fc1 %d, fc2 %d (nothing masked yet)", adalora.init_r, adalora.init_r);
+    for (const auto& [path, r] : alloc->ranks()) std::printf(" %s %d", path.c_str(), r);
+    std::printf("\n");
+  };
 
   const double base_lr = 1e-2;
   peft::AdamWOptions opt_b;
   opt_b.lr = base_lr;
   peft::AdamW<float> adamw(params, opt_b);
-  const long steps_per_epoch = long((train_b.size() + kBatch - 1) / kBatch);
-  const long total_steps = steps_per_epoch * epochs;
   const peft::LinearWarmup schedule(total_steps / 10, total_steps);  // 10% warm-up, then linear decay to 0
   long step = 0;
+  int budget = alloc ? alloc->init_budget() : 0;
+  double orth_reg = 0;
   // The first epoch's loss is high: the pretrained head confidently predicts task A's classes.
   ProgressBar bar(epochs);
   for (int e = 1; e <= epochs; ++e) {
     const double loss = train_epoch(model, ws, train_b, batch_rng, [&] {
-      peft::apply_schedule(adamw, base_lr, schedule, step++);  // lr = base_lr * schedule(step)
-      peft::clip_grad_norm(params, 1.0);                        // as torch.nn.utils.clip_grad_norm_
+      // AdaLoRA: PEFT adds orth_reg_weight · mean ‖AAᵀ − I‖ + ‖BᵀB − I‖ to the loss; this adds its gradient
+      if (ada) orth_reg = peft::adalora::add_orth_reg(model, adalora.orth_reg_weight);
+      peft::apply_schedule(adamw, base_lr, schedule, step);  // lr = base_lr * schedule(step)
+      peft::clip_grad_norm(params, 1.0);                     // as torch.nn.utils.clip_grad_norm_
       adamw.step();
+      if (ada) budget = alloc->update_and_allocate(model, int(step)).budget;  // after the step, before zero_grad
+      ++step;
     });
     bar.update(e, loss, "task B test acc", accuracy(model, ws, test_b));
+    if (ada) {
+      std::printf("    step %4ld  budget %2d  orth reg %.4f  ranks:", step, budget, orth_reg);
+      print_ranks("");
+    }
   }
   const double acc_b_after = accuracy(model, ws, test_b);
   std::printf("task B test accuracy after:  %.2f%%\n\n", 100.0 * acc_b_after);
@@ -418,8 +468,29 @@ int main(int argc, char** argv) {
               100.0 * acc_a_pretrained);
   ok = ok && acc_a_restored == acc_a_pretrained && acc_b_before == acc_b_pretrained;
   const bool improved = acc_b_after > acc_b_before;
+  if (ada) {
+    // the final allocation: keep masks per layer (PEFT's rank_pattern), then truncate the adapters to their
+    // kept triplets (what PEFT saves); ranknum, hence the scale, stays that of init_r, so nothing changes
+    for (const auto& [path, keep] : alloc->rank_pattern()) {
+      std::printf("  %s final rank %td of %d, kept triplets: ", path.c_str(), std::count(keep.begin(), keep.end(), true), adalora.init_r);
+      for (bool k : keep) std::printf("%d", int(k));
+      std::printf("\n");
+    }
+    const auto ranks = alloc->ranks();
+    int total_rank = 0;
+    for (const auto& [path, r] : ranks) total_rank += r;
+    const bool on_budget = total_rank == alloc->target_budget();
+    std::printf("  total final rank %d = target budget %d: %s\n", total_rank, alloc->target_budget(), on_budget ? "yes" : "NO");
+    peft::adalora::resize_by_rank_pattern(model, alloc->rank_pattern());
+    ws = make_workspace(model);  // the ranks changed: make the contexts again
+    const double acc_b_truncated = accuracy(model, ws, test_b);
+    std::printf("  task B after truncating the adapters to their kept ranks: %.2f%% (before: %.2f%%)\n", 100.0 * acc_b_truncated,
+                100.0 * acc_b_after);
+    ok = ok && on_budget && acc_b_truncated == acc_b_after;
+  }
   std::printf("  task B improved: %.2f%% -> %.2f%%\n", 100.0 * acc_b_before, 100.0 * acc_b_after);
-  std::printf("%s\n", ok && improved ? "PASS: frozen base bit-identical, adapters moved, task B improved"
+  std::printf("%s\n", ok && improved ? (ada ? "PASS: frozen base bit-identical, adapters moved, task B improved, ranks on budget"
+                                            : "PASS: frozen base bit-identical, adapters moved, task B improved")
                                      : "FAIL: see the lines above");
   return ok && improved ? 0 : 1;
 }

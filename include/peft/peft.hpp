@@ -20,3 +20,5 @@
 #include "peft/model.hpp"
 #include "peft/adapter/loha.hpp"
 #include "peft/adapter/lokr.hpp"
+#include "peft/adapter/adalora.hpp"
+#include "peft/adapter/vera.hpp"
