@@ -351,9 +351,14 @@ class Adapted {
         }
       }
     }, ctx);
+    // banks that rescale the base output (DoRA) may hand the base the gradient of its own output
+    ConstMatrixView<T> dybase = dyin;
+    each_kind([&](auto& bank, auto& bctx, const auto&) {
+      if constexpr (requires { bank.base_output_grad(bctx, dybase); }) dybase = bank.base_output_grad(bctx, dybase);
+    }, ctx);
     const bool base_accumulates = !scaled_input && input == GradMode::accumulate;
-    base_.backward_input(ctx.base, dyin, dxin, base_accumulates ? T(1) : T(0));
-    if (base_.requires_grad()) base_.backward_params(ctx.base, ctx.base.x, dyin, params == GradMode::accumulate ? T(1) : T(0));
+    base_.backward_input(ctx.base, dybase, dxin, base_accumulates ? T(1) : T(0));
+    if (base_.requires_grad()) base_.backward_params(ctx.base, ctx.base.x, dybase, params == GradMode::accumulate ? T(1) : T(0));
     if (params == GradMode::overwrite)  // the contract: overwrite assigns every adapter gradient, also of those that did not run
       each_kind([&](auto& bank, auto& bctx, const auto&) {
         for (std::size_t s = 0; s < bank.size(); ++s)

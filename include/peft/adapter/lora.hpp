@@ -341,6 +341,9 @@ class LoraBank<Linear<T, Backend>> {
     buffer<T> work0, work1;  ///< [batch, out]: the scaled LoRA term in forward; running output gradients in backward
     buffer<T> wblock;        ///< [norm_block_rows, in]: a block of W + s·B·A
     buffer<T> vec;           ///< [out]: the magnitude gradient before accumulation
+    buffer<T> base_grad;     ///< [batch, out]: (Π g) ⊙ dy, the gradient of the base output (see base_output_grad)
+    buffer<T> prod;          ///< [out]: Π g over the DoRA slots without dropout
+    bool base_grad_given = false;  ///< the base's backward ran on base_grad: backward() adds no correction
   };
 
   std::size_t size() const noexcept { return adapters_.size(); }
@@ -428,7 +431,33 @@ class LoraBank<Linear<T, Backend>> {
       ctx.work1.resize(std::size_t(max_batch * dora_out));
       ctx.wblock.resize(std::size_t(std::min(norm_block_rows, dora_out) * dora_in));
       ctx.vec.resize(std::size_t(dora_out));
+      ctx.base_grad.resize(std::size_t(max_batch * dora_out));
+      ctx.prod.resize(std::size_t(dora_out));
     }
+  }
+
+  /// Called by Adapted before the base layer's backward. DoRA slots without dropout rescale the running
+  /// output, the base output included, so the gradient of the base output is (Π g) ⊙ dy. Returns it (in the
+  /// context) so that the base computes dx and dW from it with its own GEMMs, and backward() need not add a
+  /// correction through W (one GEMM saved). Returns dy unchanged when no such slot ran, or when the base is
+  /// trainable with a bias (the bias is not rescaled; backward() then corrects dx and dW itself).
+  ConstMatrixView<T> base_output_grad(Context& ctx, ConstMatrixView<T> dy) {
+    ctx.base_grad_given = false;
+    int scaled = 0;
+    for (int slot : ctx.ran) scaled += adapters_[std::size_t(slot)].dora() && !ctx.slots[std::size_t(slot)].dropped;
+    if (scaled == 0) return dy;
+    const base_type& base = bound_base("backward");
+    if (base.requires_grad() && base.has_bias()) return dy;
+    const Index out = base.out_features();
+    auto prod = ctx.prod.view(1, out);
+    Backend::fill(prod, T(1));
+    for (int slot : ctx.ran)
+      if (adapters_[std::size_t(slot)].dora() && !ctx.slots[std::size_t(slot)].dropped)
+        Backend::mul(ConstMatrixView<T>(ctx.slots[std::size_t(slot)].scale.view(1, out)), prod);
+    auto g = ctx.base_grad.view(dy.rows, out);
+    Backend::add_scaled_cols(dy, prod.data, T(0), g);
+    ctx.base_grad_given = true;
+    return g;
   }
 
   /// y += Σ_{slot in active} s · dropout(x) Aᵀ Bᵀ (+ s·b_B), in order; DoRA slots as in the file comment.
@@ -519,7 +548,7 @@ class LoraBank<Linear<T, Backend>> {
         Backend::axpby(T(1), ConstMatrixView<T>(dxd), T(1), dx);
       }
     }
-    if (d_buf.data) {
+    if (d_buf.data && !ctx.base_grad_given) {
       // The base (and whatever ran before this bank) fed an output that DoRA rescaled: its gradient is d,
       // not the dy the base layer's backward used. Add the difference through W.
       Backend::axpby(T(-1), dy, T(1), d_buf);  // d − dy

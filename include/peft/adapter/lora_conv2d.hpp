@@ -53,6 +53,9 @@ class LoraBank<Conv2d<T, Backend>> {
     buffer<T> work0, work1;  ///< [batch, O·P]: the scaled LoRA term in forward; running output gradients in backward
     buffer<T> wblock;        ///< a block of W + s·B·A for the norm
     buffer<T> vec;           ///< [O·P]: the magnitude gradient before the per-channel sum
+    buffer<T> base_grad;     ///< [batch, O·P]: (Π g) ⊙ dy, the gradient of the base output (see base_output_grad)
+    buffer<T> prod;          ///< [O·P]: Π g over the DoRA slots without dropout, repeated over positions
+    bool base_grad_given = false;
   };
 
   std::size_t size() const noexcept { return adapters_.size(); }
@@ -136,7 +139,30 @@ class LoraBank<Conv2d<T, Backend>> {
       ctx.work1.resize(std::size_t(max_batch * o * p));
       ctx.wblock.resize(std::size_t(std::min(Ops::norm_block_rows, o) * k));
       ctx.vec.resize(std::size_t(o * p));
+      ctx.base_grad.resize(std::size_t(max_batch * o * p));
+      ctx.prod.resize(std::size_t(o * p));
     }
+  }
+
+  /// As LoRA's Linear bank: the gradient of the base output, (Π g) ⊙ dy, for the base's own backward
+  /// (saves the correction through W); dy unchanged when no DoRA slot without dropout ran, or when the
+  /// base is trainable with a bias.
+  ConstMatrixView<T> base_output_grad(Context& ctx, ConstMatrixView<T> dy) {
+    ctx.base_grad_given = false;
+    int scaled = 0;
+    for (int slot : ctx.ran) scaled += adapters_[std::size_t(slot)].dora() && !ctx.slots[std::size_t(slot)].dropped;
+    if (scaled == 0) return dy;
+    const base_type& base = bound_base("backward");
+    if (base.requires_grad() && base.has_bias()) return dy;
+    auto prod = ctx.prod.view(1, dy.cols);
+    Backend::fill(prod, T(1));
+    for (int slot : ctx.ran)
+      if (adapters_[std::size_t(slot)].dora() && !ctx.slots[std::size_t(slot)].dropped)
+        Backend::mul(ConstMatrixView<T>(ctx.slots[std::size_t(slot)].scale_x.view(1, dy.cols)), prod);
+    auto g = ctx.base_grad.view(dy.rows, dy.cols);
+    Backend::add_scaled_cols(dy, prod.data, T(0), g);
+    ctx.base_grad_given = true;
+    return g;
   }
 
   /// y += Σ_{slot in active} s · B·A·cols(dropout(x)) (+ s·b_B), in order; DoRA slots as in the file comment.
@@ -239,7 +265,7 @@ class LoraBank<Conv2d<T, Backend>> {
         Backend::axpby(T(1), ConstMatrixView<T>(dxin), T(1), dx);
       }
     }
-    if (d_buf.data) {
+    if (d_buf.data && !ctx.base_grad_given) {
       // The base (and what ran before) fed an output that DoRA rescaled: its gradient is d, not the dy the base
       // layer's backward used. Add the difference through W (the bias is not rescaled: its gradient stays dy).
       Backend::axpby(T(-1), dy, T(1), d_buf);  // d − dy
