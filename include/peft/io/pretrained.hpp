@@ -1,0 +1,548 @@
+// peft++ — adapter checkpoints in Hugging Face PEFT's format: save_pretrained / load_pretrained.
+//
+//   peft::io::save_pretrained(model, "out", "default", cfg);      // out/adapter_config.json + out/adapter_model.safetensors
+//   auto r = peft::io::load_pretrained(model, "out", "default");  // PeftModel.from_pretrained's counterpart
+//
+// A checkpoint holds one adapter. Its tensors are named as PEFT's get_peft_model_state_dict names them:
+// `base_model.model.<module path>.<tensor>` with the adapter name removed — `lora_A.weight`, `lora_B.weight`,
+// `lora_B.bias` (lora_bias), `lora_magnitude_vector` (DoRA; no `.weight`), `lora_embedding_A`,
+// `lora_embedding_B`, `hada_w1_a` ... `hada_w2_b`, `lokr_w1` / `lokr_w1_a` / ... / `lokr_w2_b`, `ia3_l` —
+// and shaped as PEFT's modules hold them (conv LoRA A [r, C, kh, kw] and B [O, r, 1, 1], (IA)³ [out, 1],
+// [1, in] (feed-forward) or [1, C, 1, 1] (conv), ...). The module path of a layer is the one
+// peft::for_each_layer reports: the layer's module_path() (give it the name the PyTorch model uses), or
+// the field index path.
+//
+// Both files are written atomically (temporary file, fsync, rename).
+#pragma once
+
+#include <algorithm>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "peft/adapted.hpp"
+#include "peft/io/adapter_config.hpp"
+#include "peft/io/safetensors.hpp"
+#include "peft/model.hpp"
+
+namespace peft::io {
+
+/// The file names PEFT uses.
+inline constexpr const char* adapter_config_name = "adapter_config.json";
+inline constexpr const char* adapter_weights_name = "adapter_model.safetensors";
+/// The prefix of every key PEFT writes for a PeftModel.
+inline constexpr const char* state_dict_prefix = "base_model.model.";
+
+/// PEFT's rule for turning an in-memory parameter name into a checkpoint key: a trailing ".<adapter>" is
+/// dropped (a bare nn.Parameter), otherwise ".<adapter>" is removed when it is the second-to-last component
+/// (`q.lora_A.default.weight` → `q.lora_A.weight`). (DoRA's `lora_magnitude_vector.weight` additionally
+/// loses `.weight`; see checkpoint_key.)
+inline std::string remove_adapter_name(const std::string& key, const std::string& adapter) {
+  if (key.find('.') == std::string::npos) return key;
+  const std::string tail = "." + adapter;
+  if (key.size() >= tail.size() && key.compare(key.size() - tail.size(), tail.size(), tail) == 0) return key.substr(0, key.size() - tail.size());
+  const auto dot = key.rfind('.');
+  std::string head = key.substr(0, dot);
+  const std::string suffix = key.substr(dot + 1);
+  if (head.size() >= tail.size() && head.compare(head.size() - tail.size(), tail.size(), tail) == 0) head.resize(head.size() - tail.size());
+  return head + "." + suffix;
+}
+
+/// The checkpoint key PEFT writes for parameter `param` (as visit_parameters names it, e.g.
+/// "lora_A.default.weight") of the layer at `module_path`.
+inline std::string checkpoint_key(const std::string& module_path, const std::string& param, const std::string& adapter) {
+  std::string k = remove_adapter_name(std::string(state_dict_prefix) + (module_path.empty() ? "" : module_path + ".") + param, adapter);
+  const std::string dora = "lora_magnitude_vector.weight";
+  if (k.size() >= dora.size() && k.compare(k.size() - dora.size(), dora.size(), dora) == 0) k.resize(k.size() - 7);
+  return k;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per kind: the tensors of one adapter, with PEFT's names (after the module path) and shapes
+
+/// One adapter tensor as a checkpoint sees it.
+template <class T>
+struct AdapterTensor {
+  std::string suffix;               ///< e.g. "lora_A.weight"
+  MatrixView<T> view;               ///< the library's storage (contiguous)
+  std::vector<std::uint64_t> shape;  ///< PEFT's shape
+};
+
+namespace detail {
+
+template <class B>
+concept ConvBase = requires(const B& b) { b.geometry().kernel_h; };
+template <class B>
+concept EmbeddingBase = requires(const B& b) { b.num_embeddings(); };
+
+inline std::vector<std::uint64_t> dims(std::initializer_list<Index> d) {
+  std::vector<std::uint64_t> v;
+  for (Index x : d) v.push_back(std::uint64_t(x));
+  return v;
+}
+
+}  // namespace detail
+
+/// How one adapter kind maps to checkpoint tensors, and which config fields must agree for PEFT to rebuild
+/// the same layer. Specialised per kind; adding a method means one more specialisation.
+template <class Kind>
+struct KindCheckpoint;
+
+template <>
+struct KindCheckpoint<Lora> {
+  static constexpr const char* prefix = "lora_";
+  template <class Base, class A>
+  static auto tensors(const Base& base, A& a) {
+    using T = typename Base::scalar;
+    std::vector<AdapterTensor<T>> t;
+    using detail::dims;
+    if constexpr (detail::EmbeddingBase<Base>) {
+      t.push_back({"lora_embedding_A", a.A(), dims({a.r, a.in})});
+      t.push_back({"lora_embedding_B", a.B(), dims({a.out, a.r})});
+    } else if constexpr (detail::ConvBase<Base>) {
+      const auto& g = base.geometry();
+      t.push_back({"lora_A.weight", a.A(), dims({a.r, g.in_channels, g.kernel_h, g.kernel_w})});
+      t.push_back({"lora_B.weight", a.B(), dims({a.out, a.r, 1, 1})});
+    } else {
+      t.push_back({"lora_A.weight", a.A(), dims({a.r, a.in})});
+      t.push_back({"lora_B.weight", a.B(), dims({a.out, a.r})});
+    }
+    if (a.config.lora_bias) t.push_back({"lora_B.bias", a.B_bias(), dims({a.out})});
+    if (a.dora()) t.push_back({"lora_magnitude_vector", a.M(), dims({a.out})});
+    return t;
+  }
+  /// "" when PEFT's layer built from `want` has the same structure and scaling as `a`, else the field.
+  template <class A>
+  static std::string mismatch(const A& a, const LoraConfig& want) {
+    const auto& c = a.config;
+    if (c.r != want.r) return peft::detail::cat("r = ", c.r, " but the config gives ", want.r);
+    if (LoraConfig::scaling_for(c.lora_alpha, c.r, c.use_rslora) != LoraConfig::scaling_for(want.lora_alpha, want.r, want.use_rslora))
+      return peft::detail::cat("scaling = ", LoraConfig::scaling_for(c.lora_alpha, c.r, c.use_rslora), " (lora_alpha ", c.lora_alpha,
+                               c.use_rslora ? ", rsLoRA" : "", ") but the config gives ",
+                               LoraConfig::scaling_for(want.lora_alpha, want.r, want.use_rslora));
+    if (c.use_dora != want.use_dora) return peft::detail::cat("use_dora = ", c.use_dora, " but the config has ", want.use_dora);
+    if (c.lora_bias != want.lora_bias) return peft::detail::cat("lora_bias = ", c.lora_bias, " but the config has ", want.lora_bias);
+    if (c.fan_in_fan_out != want.fan_in_fan_out) return peft::detail::cat("fan_in_fan_out = ", c.fan_in_fan_out, " but the config has ", want.fan_in_fan_out);
+    return {};
+  }
+};
+
+template <>
+struct KindCheckpoint<Loha> {
+  static constexpr const char* prefix = "hada_";
+  template <class Base, class A>
+  static auto tensors(const Base&, A& a) {
+    using T = typename Base::scalar;
+    using detail::dims;
+    return std::vector<AdapterTensor<T>>{{"hada_w1_a", a.hada_w1_a(), dims({a.rows, a.r})},
+                                         {"hada_w1_b", a.hada_w1_b(), dims({a.r, a.cols})},
+                                         {"hada_w2_a", a.hada_w2_a(), dims({a.rows, a.r})},
+                                         {"hada_w2_b", a.hada_w2_b(), dims({a.r, a.cols})}};
+  }
+  template <class A>
+  static std::string mismatch(const A& a, const LohaConfig& want) {
+    const auto& c = a.config;
+    if (c.r != want.r) return peft::detail::cat("r = ", c.r, " but the config gives ", want.r);
+    if (LohaConfig::scaling_for(c.alpha, c.r) != LohaConfig::scaling_for(want.alpha, want.r))
+      return peft::detail::cat("alpha = ", c.alpha, " but the config gives ", want.alpha);
+    return {};
+  }
+};
+
+template <>
+struct KindCheckpoint<Lokr> {
+  static constexpr const char* prefix = "lokr_";
+  template <class Base, class A>
+  static auto tensors(const Base&, A& a) {
+    using T = typename Base::scalar;
+    std::vector<AdapterTensor<T>> t;
+    for (const auto& [name, shape] : a.layout.tensors()) {
+      MatrixView<T> v = name == "lokr_w1" ? a.lokr_w1() : name == "lokr_w1_a" ? a.lokr_w1_a() : name == "lokr_w1_b" ? a.lokr_w1_b()
+                      : name == "lokr_w2"   ? a.lokr_w2() : name == "lokr_w2_a" ? a.lokr_w2_a() : name == "lokr_w2_b" ? a.lokr_w2_b()
+                                                                                                    : MatrixView<T>{};
+      if (v.empty()) throw ConfigError(peft::detail::cat("LoKr tensor ", name, " (CP form) is not supported by peft++"));
+      std::vector<std::uint64_t> s;
+      for (Index d : shape) s.push_back(std::uint64_t(d));
+      t.push_back({name, v, std::move(s)});
+    }
+    return t;
+  }
+  template <class A>
+  static std::string mismatch(const A& a, const LokrConfig& want) {
+    const auto& c = a.config;
+    if (c.r != want.r) return peft::detail::cat("r = ", c.r, " but the config gives ", want.r);
+    if (LokrConfig::scaling_for(c.alpha, c.r) != LokrConfig::scaling_for(want.alpha, want.r))
+      return peft::detail::cat("alpha = ", c.alpha, " but the config gives ", want.alpha);
+    if (c.decompose_both != want.decompose_both) return peft::detail::cat("decompose_both = ", c.decompose_both, " but the config has ", want.decompose_both);
+    if (c.decompose_factor != want.decompose_factor) return peft::detail::cat("decompose_factor = ", c.decompose_factor, " but the config has ", want.decompose_factor);
+    return {};
+  }
+};
+
+template <>
+struct KindCheckpoint<Ia3> {
+  static constexpr const char* prefix = "ia3_";
+  template <class Base, class A>
+  static auto tensors(const Base&, A& a) {
+    using T = typename Base::scalar;
+    using detail::dims;
+    std::vector<std::uint64_t> shape;
+    if constexpr (detail::ConvBase<Base>) shape = dims({1, a.size, 1, 1});
+    else shape = a.feedforward ? dims({1, a.size}) : dims({a.size, 1});
+    return std::vector<AdapterTensor<T>>{{"ia3_l", a.vector(), std::move(shape)}};
+  }
+  template <class A>
+  static std::string mismatch(const A& a, const Ia3Config& want) {
+    if (a.feedforward != want.is_feedforward)
+      return peft::detail::cat("the layer is ", a.feedforward ? "" : "not ", "feed-forward but the config's feedforward_modules say otherwise");
+    return {};
+  }
+};
+
+namespace detail {
+
+template <class L>
+struct adapted_traits : std::false_type {};
+template <class Base, class... Kinds>
+struct adapted_traits<Adapted<Base, Kinds...>> : std::true_type {
+  using kinds = std::tuple<Kinds...>;
+};
+
+template <class Kinds, class F, std::size_t... I>
+void for_each_kind_impl(F&& f, std::index_sequence<I...>) {
+  (f(std::type_identity<std::tuple_element_t<I, Kinds>>{}), ...);
+}
+/// f(std::type_identity<Kind>) for every kind of an Adapted layer type.
+template <class Layer, class F>
+void for_each_kind(F&& f) {
+  using K = typename adapted_traits<Layer>::kinds;
+  for_each_kind_impl<K>(f, std::make_index_sequence<std::tuple_size_v<K>>{});
+}
+
+template <class Kind>
+using kind_config_t = typename Kind::config_type;
+
+template <class Layer, class Config>
+struct has_config_impl : std::false_type {};
+template <class Base, class... Kinds, class Config>
+struct has_config_impl<Adapted<Base, Kinds...>, Config> : std::bool_constant<(std::is_same_v<typename Kinds::config_type, Config> || ...)> {};
+/// Whether an Adapted layer type has a kind configured by Config.
+template <class Layer, class Config>
+inline constexpr bool has_config = has_config_impl<Layer, Config>::value;
+
+/// The kind of adapter `name` on `layer`, found from its parameter names; calls f(type_identity<Kind>).
+/// Returns false when the layer has no adapter of that name.
+template <class Layer, class F>
+bool with_adapter_kind(Layer& layer, const std::string& name, F&& f) {
+  if (!layer.has_adapter(name)) return false;
+  std::string first;
+  layer.visit_parameters([&](const auto& p) {
+    if (!first.empty()) return;
+    const std::string& n = p.name;
+    if (n.find("." + name + ".") != std::string::npos || (n.size() > name.size() && n.compare(n.size() - name.size() - 1, name.size() + 1, "." + name) == 0))
+      first = n;
+  });
+  bool done = false;
+  for_each_kind<Layer>([&](auto k) {
+    using K = typename decltype(k)::type;
+    if (!done && first.rfind(KindCheckpoint<K>::prefix, 0) == 0) {
+      done = true;
+      f(k);
+    }
+  });
+  if (!done) throw AdapterError(cat("adapter '", name, "' on layer '", layer.module_path(), "': no checkpoint format for its kind (parameter '", first, "')"));
+  return true;
+}
+
+/// The checkpoint tensors of adapter `name` on `layer` (which must have it).
+template <class Layer>
+auto layer_tensors(Layer& layer, const std::string& name) {
+  std::vector<AdapterTensor<typename Layer::scalar>> out;
+  with_adapter_kind(layer, name, [&](auto k) {
+    using K = typename decltype(k)::type;
+    out = KindCheckpoint<K>::tensors(layer.base(), layer.template adapter<K>(name));
+  });
+  return out;
+}
+
+inline std::string shape_str(const std::vector<std::uint64_t>& s) {
+  std::string o = "[";
+  for (std::size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + "]";
+}
+
+template <class M>
+bool method_is(const AdapterConfig& c) {
+  return std::holds_alternative<M>(c.method);
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Saving
+
+struct SaveOptions {
+  bool sync = true;  ///< fsync the files and the directory (see safetensors::WriteOptions)
+};
+
+namespace detail {
+template <class T>
+struct StateEntry {
+  std::string key;
+  MatrixView<T> view;
+  std::vector<std::uint64_t> shape;
+};
+/// Collects the checkpoint tensors of one adapter (and biases per `bias`), with PEFT's keys.
+template <class T, class Model>
+std::vector<StateEntry<T>> collect_state(Model& model, const std::string& adapter, BiasMode bias, std::vector<std::string>* paths = nullptr) {
+  std::vector<StateEntry<T>> out;
+  for_each_layer(model, [&](auto& layer, const std::string& path) {
+    using L = std::remove_cvref_t<decltype(layer)>;
+    if constexpr (adapted_traits<L>::value) {
+      static_assert(std::is_same_v<typename L::scalar, T>, "save_pretrained: every adapted layer of the model must have the same scalar type");
+      const bool has = layer.has_adapter(adapter);
+      if (has) {
+        if (paths) paths->push_back(path);
+        for (auto& t : layer_tensors(layer, adapter))
+          out.push_back({std::string(state_dict_prefix) + (path.empty() ? "" : path + ".") + t.suffix, t.view, std::move(t.shape)});
+      }
+      auto b = layer.base().bias();
+      if (!b.empty() && (bias == BiasMode::all || (bias == BiasMode::lora_only && has)))
+        out.push_back({std::string(state_dict_prefix) + path + (has ? ".base_layer.bias" : ".bias"), b, {std::uint64_t(b.size())}});
+    }
+  });
+  return out;
+}
+}  // namespace detail
+
+/// The state dict of adapter `adapter_name` as PEFT saves it: (checkpoint key, view into the model, PEFT's
+/// shape), in model order. With `bias` all / lora_only the base biases are included as PEFT names them
+/// (`<path>.base_layer.bias` for layers that hold the adapter, `<path>.bias` for other adapted layers under
+/// "all"; plain layers are not visited). T is the scalar type of the model's adapted layers.
+template <class T, class Model>
+std::vector<detail::StateEntry<T>> adapter_state_dict(Model& model, const std::string& adapter_name, BiasMode bias = BiasMode::none) {
+  return detail::collect_state<T>(model, adapter_name, bias);
+}
+
+/// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` for adapter `adapter_name` of
+/// `model`, as PEFT's save_pretrained does (the directory is created if needed). `config` is written as
+/// given, except that a null target_modules becomes the list of module paths that hold the adapter, so
+/// PEFT rebuilds exactly those layers.
+///
+/// Checks first (and writes nothing on failure): the adapter exists on some layer (AdapterError); it is of
+/// the config's method and every layer that holds it is selected by target_modules and has the rank,
+/// scaling and structure that `config` gives for its path (ConfigError naming the layer and the field) —
+/// otherwise PEFT would build different layers when loading.
+template <class Model>
+void save_pretrained(Model& model, const std::filesystem::path& dir, const std::string& adapter_name, AdapterConfig config,
+                     const SaveOptions& options = {}) {
+  std::vector<std::string> paths;
+  // the scalar type: from the first adapted layer
+  bool any = false;
+  for_each_layer(model, [&](auto& layer, const std::string& path) {
+    using L = std::remove_cvref_t<decltype(layer)>;
+    if constexpr (detail::adapted_traits<L>::value) {
+      if (!layer.has_adapter(adapter_name)) return;
+      any = true;
+      if (!config.target_modules.is_null() && !config.targets(path))
+        throw ConfigError(peft::detail::cat("save_pretrained: layer '", path, "' holds adapter '", adapter_name,
+                                            "' but the config's target_modules do not select it; PEFT would not rebuild it"));
+      detail::with_adapter_kind(layer, adapter_name, [&](auto k) {
+        using K = typename decltype(k)::type;
+        using C = detail::kind_config_t<K>;
+        const C* want = config.template get_if<C>();
+        if (!want)
+          throw ConfigError(peft::detail::cat("save_pretrained: adapter '", adapter_name, "' on layer '", path, "' is of kind ", K::name,
+                                              " but the config's peft_type is ", config.peft_type()));
+        const std::string why = KindCheckpoint<K>::mismatch(layer.template adapter<K>(adapter_name), want->for_module(path));
+        if (!why.empty())
+          throw ConfigError(peft::detail::cat("save_pretrained: layer '", path, "', adapter '", adapter_name, "': ", why,
+                                              " for this path; PEFT would build a different layer"));
+      });
+    }
+  });
+  if (!any) throw AdapterError(peft::detail::cat("save_pretrained: no layer of the model has an adapter named '", adapter_name, "'"));
+
+  bool saved = false;
+  auto save_as = [&]<class S>(std::type_identity<S>) {
+    auto entries = detail::collect_state<S>(model, adapter_name, config.bias, &paths);
+    std::vector<safetensors::TensorRef> refs;
+    refs.reserve(entries.size());
+    for (const auto& e : entries) refs.emplace_back(e.key, ConstMatrixView<S>(e.view), e.shape);
+    if (config.target_modules.is_null()) config.target_modules = ModuleSelector::list(paths);
+    std::filesystem::create_directories(dir);
+    safetensors::WriteOptions wo;
+    wo.sync = options.sync;
+    safetensors::write(dir / adapter_weights_name, refs, {}, wo);
+    write_adapter_config(dir / adapter_config_name, config, options.sync);
+    saved = true;
+  };
+  // the model's scalar type is that of its adapted layers
+  for_each_layer(model, [&](auto& layer, const std::string&) {
+    using L = std::remove_cvref_t<decltype(layer)>;
+    if constexpr (detail::adapted_traits<L>::value) {
+      if (!saved && layer.has_adapter(adapter_name)) save_as(std::type_identity<typename L::scalar>{});
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+struct LoadOptions {
+  /// Missing or unexpected keys are an error (the message lists them), as PEFT's load with strict
+  /// checking. false: they are returned in LoadResult (missing tensors keep their initial values).
+  bool strict = true;
+  /// Make the loaded adapter the active one on every layer that has it (peft::set_adapter on the model).
+  bool activate = false;
+  /// Seed for the initial values the layers give the new adapter before the checkpoint overwrites them.
+  std::uint64_t seed = 0;
+};
+
+struct LoadResult {
+  AdapterConfig config;
+  std::vector<std::string> adapted_modules;  ///< module paths that received the adapter, in model order
+  std::vector<std::string> missing_keys;     ///< expected by the model, absent from the file (non-strict)
+  std::vector<std::string> unexpected_keys;  ///< in the file, not used by the model (non-strict)
+};
+
+namespace detail {
+inline std::string key_list(const std::vector<std::string>& keys) {
+  std::string s;
+  const std::size_t n = std::min<std::size_t>(keys.size(), 20);
+  for (std::size_t i = 0; i < n; ++i) s += (i ? ", '" : "'") + keys[i] + "'";
+  if (keys.size() > n) s += cat(" and ", keys.size() - n, " more");
+  return s;
+}
+
+/// Checks that tensor `key` of `f` has PEFT's shape and a float dtype and fits `dst`.
+template <class T>
+void check_tensor(const safetensors::File& f, const std::string& key, MatrixView<T> dst, const std::vector<std::uint64_t>& want) {
+  const auto& info = f.info(key);
+  if (info.shape != want)
+    throw ShapeError(cat(f.path(), ": tensor '", key, "' has shape ", shape_str(info.shape), ", the model expects ", shape_str(want)));
+  if (!safetensors::is_convertible(info.dtype))
+    throw FormatError(cat(f.path(), ": tensor '", key, "' has dtype ", safetensors::name(info.dtype), "; adapter tensors must be F32, F16, BF16 or F64"));
+  if (!dst.contiguous() || std::uint64_t(dst.size()) != info.numel())
+    throw ShapeError(cat("load_pretrained: the storage of '", key, "' is not a contiguous block of ", info.numel(), " elements"));
+}
+}  // namespace detail
+
+/// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors` (written by PEFT's save_pretrained
+/// or by save_pretrained above) and adds the adapter as `adapter_name` to every adapted layer of `model`
+/// whose module path the config's target_modules select (PEFT's matching: exact name, ".name" suffix, or a
+/// full regex match; exclude_modules, modules_to_save and layers_to_transform honoured). With a null
+/// target_modules, the layers named in the file are used.
+///
+/// Each layer gets the config resolved for its path (rank_pattern, alpha_pattern, feedforward_modules),
+/// then its tensors are copied in after an exact shape check (ShapeError naming the key and both shapes).
+/// Strict (default): every tensor the new adapters need must be in the file and every tensor of the file
+/// must be used, otherwise a FormatError lists the keys by name. Nothing is added to the model when
+/// loading fails (adapters added so far are removed again).
+template <class Model>
+LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const std::string& adapter_name = "default",
+                           const LoadOptions& options = {}) {
+  LoadResult res;
+  const std::filesystem::path weights = std::filesystem::is_directory(dir) ? dir / adapter_weights_name : dir;
+  const std::filesystem::path cfg_path = std::filesystem::is_directory(dir) ? dir / adapter_config_name : dir.parent_path() / adapter_config_name;
+  res.config = read_adapter_config(cfg_path);
+  const AdapterConfig& config = res.config;
+  safetensors::File file(weights);
+
+  // the module paths present in the file (for a null target_modules)
+  std::vector<std::string> file_paths;
+  if (config.target_modules.is_null()) {
+    for (const auto& k : file.names()) {
+      if (k.rfind(state_dict_prefix, 0) != 0) continue;
+      const std::string rest = k.substr(std::string(state_dict_prefix).size());
+      for (const char* pre : {".lora_", ".hada_", ".lokr_", ".ia3_"}) {
+        const auto pos = rest.rfind(pre);
+        if (pos != std::string::npos) {
+          file_paths.push_back(rest.substr(0, pos));
+          break;
+        }
+      }
+    }
+  }
+  auto selected = [&](const std::string& path) {
+    if (!config.target_modules.is_null()) return config.targets(path);
+    return std::find(file_paths.begin(), file_paths.end(), path) != file_paths.end();
+  };
+
+  struct Pending {  // a tensor to copy once everything has been checked
+    std::string key;
+    std::function<void()> copy;
+  };
+  std::vector<std::string> expected;  // keys the model needs
+  std::vector<Pending> pending;
+  std::vector<std::function<void()>> undo;
+  Generator gen(options.seed);
+  try {
+    for_each_layer(model, [&](auto& layer, const std::string& path) {
+      using L = std::remove_cvref_t<decltype(layer)>;
+      if constexpr (detail::adapted_traits<L>::value) {
+        using T = typename L::scalar;
+        auto need = [&](const std::string& key, MatrixView<T> view, std::vector<std::uint64_t> shape) {
+          expected.push_back(key);
+          if (!file.contains(key)) {
+            res.missing_keys.push_back(key);
+            return;
+          }
+          detail::check_tensor(file, key, view, shape);  // shape and dtype, before anything is written
+          pending.push_back({key, [&file, key, view] { file.read_as<T>(key, std::span<T>(view.data, std::size_t(view.size()))); }});
+        };
+        const bool target = selected(path);
+        if (target) {
+          bool added = false;
+          std::visit([&](const auto& m) {
+            using C = std::remove_cvref_t<decltype(m)>;
+            if constexpr (detail::has_config<L, C>) {
+              C c = m;
+              if constexpr (std::is_same_v<C, LoraConfig>) c.init_lora_weights = LoraInit::zeros;
+              layer.add_adapter(adapter_name, c, gen);
+              added = true;
+            }
+          }, config.method);
+          if (!added)
+            throw ConfigError(peft::detail::cat("load_pretrained: ", config.peft_type(), " adapter '", adapter_name, "' targets layer '", path,
+                                                "', whose type has no adapter kind for it"));
+          undo.push_back([&layer, adapter_name] { layer.delete_adapter(adapter_name); });
+          res.adapted_modules.push_back(path);
+          for (auto& t : detail::layer_tensors(layer, adapter_name))
+            need(std::string(state_dict_prefix) + (path.empty() ? "" : path + ".") + t.suffix, t.view, std::move(t.shape));
+        }
+        auto b = layer.base().bias();
+        if (!b.empty() && (config.bias == BiasMode::all || (config.bias == BiasMode::lora_only && target)))
+          need(std::string(state_dict_prefix) + path + (target ? ".base_layer.bias" : ".bias"), b, {std::uint64_t(b.size())});
+      }
+    });
+    if (res.adapted_modules.empty())
+      throw ConfigError(peft::detail::cat("load_pretrained: ", cfg_path.string(), ": no layer of the model matches target_modules (",
+                                          to_json(config)["target_modules"].dump(), "); adapted layers are matched by their module paths"));
+    std::vector<std::string> sorted = expected;
+    std::sort(sorted.begin(), sorted.end());
+    for (const auto& k : file.names())
+      if (!std::binary_search(sorted.begin(), sorted.end(), k)) res.unexpected_keys.push_back(k);
+    if (options.strict && (!res.missing_keys.empty() || !res.unexpected_keys.empty())) {
+      std::string msg = peft::detail::cat("load_pretrained: ", weights.string(), " does not fit the model:");
+      if (!res.missing_keys.empty()) msg += peft::detail::cat(" missing keys ", detail::key_list(res.missing_keys), ";");
+      if (!res.unexpected_keys.empty()) msg += peft::detail::cat(" unexpected keys ", detail::key_list(res.unexpected_keys), ";");
+      msg += " (LoadOptions::strict = false loads what fits)";
+      throw FormatError(msg);
+    }
+  } catch (...) {
+    for (auto it = undo.rbegin(); it != undo.rend(); ++it) (*it)();
+    throw;
+  }
+  for (auto& p : pending) p.copy();
+  if (options.activate) set_adapter(model, adapter_name);
+  return res;
+}
+
+}  // namespace peft::io

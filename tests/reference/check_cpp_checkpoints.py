@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""C++ -> PEFT: loads the adapters that peft++'s save_pretrained wrote (test_pretrained "[.export]") with
+Hugging Face PEFT's PeftModel.from_pretrained and compares PEFT's outputs and merged weights with the
+C++ ones.
+
+    PEFT_PRETRAINED_EXPORT_DIR=/tmp/pp build/tests/test_pretrained "[.export]"
+    /work/venv/bin/python tests/reference/check_cpp_checkpoints.py /tmp/pp
+"""
+
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from peft import PeftModel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gen_checkpoints import Net  # noqa: E402
+
+
+def main(root):
+    worst = 0.0
+    failed = False
+    for case in sorted(os.listdir(root)):
+        d = os.path.join(root, case)
+        base = Net()
+        base.load_state_dict(load_file(os.path.join(d, "base.safetensors")))
+        model = PeftModel.from_pretrained(base, os.path.join(d, "adapter"))  # strict: PEFT warns on missing keys
+        model.eval()
+        out = json.load(open(os.path.join(d, "cpp_outputs.json")))
+        ids = torch.tensor(out["ids"])
+        img = torch.tensor(out["img"]).reshape(2, 2, 4, 4)
+        with torch.no_grad():
+            y_mlp, y_conv = model(ids, img)
+        errs = {
+            "y_mlp": (y_mlp.reshape(-1) - torch.tensor(out["y_mlp"])).abs().max().item(),
+            "y_conv": (y_conv.reshape(-1) - torch.tensor(out["y_conv"])).abs().max().item(),
+        }
+        merged = model.merge_and_unload().state_dict()
+        cpp_merged = load_file(os.path.join(d, "merged.safetensors"))
+        for k, v in cpp_merged.items():
+            errs["merged " + k] = (merged[k] - v).abs().max().item()
+        e = max(errs.values())
+        worst = max(worst, e)
+        ok = e < 2e-5
+        failed = failed or not ok
+        print(f"{case:24s} max |PEFT - C++| = {e:.3g}  {'ok' if ok else 'FAIL ' + str(errs)}")
+    print("worst", worst)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
