@@ -273,3 +273,63 @@ TEMPLATE_TEST_CASE("conv2d and embedding layers with adapters allocate nothing a
     }
   }
 }
+
+TEMPLATE_TEST_CASE("cp-form loha and lokr on conv2d allocate nothing after make_context", "[loha][lokr][conv2d][cp][alloc]", float, double) {
+  using T = TestType;
+  for (peft::Index batch : {1, 3}) {
+    for (double dropout : {0.0, 0.3}) {
+      CAPTURE(batch, dropout);
+      Generator g(7);
+      Conv2dGeometry geo;
+      geo.in_channels = 9;  // factorization (3, 3)
+      geo.out_channels = 10;  // factorization (2, 5)
+      geo.kernel_h = 3;
+      geo.kernel_w = 2;
+      geo.stride_h = geo.stride_w = 2;
+      geo.pad_h = geo.pad_w = 1;
+      geo.in_h = geo.in_w = 9;
+      Adapted<Conv2d<T>, Loha, Lokr> c(Conv2d<T>(geo, true, g));
+      LohaConfig hc;  // CP: hada_t1/hada_t2
+      hc.r = 4;
+      hc.init_weights = false;
+      hc.use_effective_conv2d = true;
+      hc.rank_dropout = dropout;
+      hc.module_dropout = dropout / 2;
+      LohaConfig hf = hc;  // the flat form beside it
+      hf.use_effective_conv2d = false;
+      LokrConfig kc;  // CP w2 (lokr_t2), full w1
+      kc.r = 2;
+      kc.init_weights = LokrInit::off;
+      kc.use_effective_conv2d = true;
+      kc.rank_dropout = dropout;
+      kc.rank_dropout_scale = true;
+      LokrConfig kb = kc;  // CP w2 and low-rank w1
+      kb.r = 1;
+      kb.decompose_both = true;
+      c.add_adapter("loha_cp", hc, g);
+      c.add_adapter("loha_flat", hf, g);
+      c.add_adapter("lokr_cp", kc, g);
+      c.add_adapter("lokr_cp_both", kb, g);
+      c.set_adapter(std::vector<std::string>{"loha_cp", "loha_flat", "lokr_cp", "lokr_cp_both"});
+      REQUIRE(c.template adapter<Loha>("loha_cp").cp);
+      REQUIRE(c.template adapter<Lokr>("lokr_cp").cp());
+      REQUIRE(c.template adapter<Lokr>("lokr_cp_both").cp());
+      REQUIRE(!c.template adapter<Lokr>("lokr_cp_both").layout.full_w1);
+      const Mat<T> x = random_mat<T>(batch, geo.in_size(), 1), dy = random_mat<T>(batch, geo.out_size(), 2);
+      Mat<T> y(batch, geo.out_size()), dx(batch, geo.in_size());
+      auto ctx = c.make_context(batch);
+      c.forward(ctx, x, y);
+      c.backward(ctx, dy, dx, GradMode::overwrite);
+      const auto cc = count_allocations([&] {
+        for (int i = 0; i < 3; ++i) {
+          c.set_seed(std::uint64_t(i));
+          c.forward(ctx, x, y);
+          c.backward(ctx, dy, dx, GradMode::accumulate);
+          c.backward(ctx, dy, MatrixView<T>{}, GradMode::overwrite);
+        }
+      });
+      CHECK(cc.news == 0);
+      CHECK(cc.mallocs == 0);
+    }
+  }
+}

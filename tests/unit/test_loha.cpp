@@ -615,16 +615,23 @@ void loha_reference_cases(const std::string& sfx) {
 }
 }  // namespace
 
-TEST_CASE("loha on conv2d: use_effective_conv2d (CP form) is refused, except on 1x1 kernels", "[loha][conv2d][errors]") {
+TEST_CASE("loha on conv2d: use_effective_conv2d selects the CP form, except on 1x1 kernels", "[loha][conv2d][cp]") {
+  // (the CP form itself is tested in test_cp_conv.cpp)
   Generator g(1);
   LohaConfig c;
   c.r = 2;
   c.use_effective_conv2d = true;
   Adapted<Conv2d<float>, Loha> l(Conv2d<float>(loha_lc_geo(3, 4, 3, 1, 1, 1, 6, 6), true, g));
-  REQUIRE_THROWS_AS(l.add_adapter("default", c, g), ConfigError);
-  REQUIRE_THROWS_WITH(l.add_adapter("default", c, g), Catch::Contains("use_effective_conv2d") && Catch::Contains("not implemented"));
-  CHECK(l.adapter_names().empty());
+  l.add_adapter("default", c, g);
+  const auto& a = loha_adapter(l, "default");
+  CHECK(a.cp);
+  CHECK(a.hada_t1().rows == 2);
+  CHECK(a.hada_t1().cols == 2 * 9);
+  CHECK(a.hada_w1_a().rows == 2);  // PEFT's (r, out) in the CP form
+  CHECK(a.hada_w1_a().cols == 4);
+  CHECK(a.hada_w1_b().cols == 3);
   Adapted<Conv2d<float>, Loha> one(Conv2d<float>(loha_lc_geo(3, 4, 1, 1, 0, 1, 5, 5), true, g));
   one.add_adapter("default", c, g);  // PEFT ignores use_effective_conv2d on 1×1 kernels
+  CHECK(!loha_adapter(one, "default").cp);
   CHECK(loha_adapter(one, "default").cols == 3);
 }

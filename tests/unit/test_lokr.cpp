@@ -581,19 +581,26 @@ void lokr_reference_cases(const std::string& sfx) {
 }
 }  // namespace
 
-TEST_CASE("lokr on conv2d: use_effective_conv2d with a low-rank w2 (CP form) is refused", "[lokr][conv2d][errors]") {
+TEST_CASE("lokr on conv2d: use_effective_conv2d with a low-rank w2 selects the CP form", "[lokr][conv2d][cp]") {
+  // (the CP form itself is tested in test_cp_conv.cpp)
   Generator g(1);
   LokrConfig c;
   c.r = 2;
   c.alpha = 4;
   c.use_effective_conv2d = true;
   Adapted<Conv2d<float>, Lokr> l(Conv2d<float>(lokr_lc_geo(5, 6, 3, 1, 1, 1, 4, 4), true, g));
-  REQUIRE_THROWS_AS(l.add_adapter("default", c, g), ConfigError);
-  REQUIRE_THROWS_WITH(l.add_adapter("default", c, g), Catch::Contains("use_effective_conv2d") && Catch::Contains("not implemented"));
-  CHECK(l.adapter_names().empty());
-  c.use_effective_conv2d = false;
   l.add_adapter("default", c, g);
   const auto& a = lokr_adapter(l, "default");
-  CHECK(!a.layout.full_w2);
-  CHECK(a.lokr_w2_b().cols == 45);
+  CHECK(a.cp());
+  CHECK(a.lokr_t2().cols == 2 * 9);
+  CHECK(a.lokr_w2_a().rows == 2);  // PEFT's (r, out_k) in the CP form
+  CHECK(a.lokr_w2_a().cols == 3);
+  CHECK(a.lokr_w2_b().cols == 5);
+  c.use_effective_conv2d = false;
+  Adapted<Conv2d<float>, Lokr> flat(Conv2d<float>(lokr_lc_geo(5, 6, 3, 1, 1, 1, 4, 4), true, g));
+  flat.add_adapter("default", c, g);
+  const auto& b = lokr_adapter(flat, "default");
+  CHECK(!b.cp());
+  CHECK(!b.layout.full_w2);
+  CHECK(b.lokr_w2_b().cols == 45);
 }

@@ -8,13 +8,18 @@
 // Train mode only: rank_dropout zeroes whole rows of ΔW (rescaled by 1/mean(keep)), module_dropout skips
 // the adapter for one forward. This header also holds the helpers LoHa and LoKr share (detail::lycoris).
 //
-// Conv2d (PEFT's loha.Conv2d, use_effective_conv2d = false only): ΔW has the base kernel's layout
-// [O, C·kh·kw] (w1_a, w2_a [O, r]; w1_b, w2_b [r, C·kh·kw]), and y_n += ΔW · cols(x_n) per image, i.e.
-// conv(x, ΔW) with the base's stride, padding and dilation. The CP form (hada_t1/hada_t2) is not
-// implemented yet: use_effective_conv2d = true on a kernel other than 1×1 is a ConfigError (on 1×1
-// kernels PEFT ignores it, and so does peft++).
+// Conv2d (PEFT's loha.Conv2d): ΔW has the base kernel's layout [O, C·kh·kw], and y_n += ΔW · cols(x_n) per
+// image, i.e. conv(x, ΔW) with the base's stride, padding and dilation. Flat form (default): w1_a, w2_a
+// [O, r]; w1_b, w2_b [r, C·kh·kw]. CP form (use_effective_conv2d on a kernel other than 1×1; PEFT ignores
+// the flag on 1×1 kernels, and so does peft++): hada_t1, hada_t2 [r, r, kh, kw], w1_a, w2_a [r, O],
+// w1_b, w2_b [r, C], and
+//   K1[o, c, y, x] = Σ_{i,j} t1[i, j, y, x] · w1_a[i, o] · w1_b[j, c]      (K2 likewise)
+//   ΔW = s · K1 ⊙ K2
+// (see detail::lycoris::Cp). Backward differentiates this exactly; PEFT 0.21's HadaWeightCP.backward gets
+// the gradients of w1_a and w2_a wrong (it swaps the two cores), peft++ does not copy that.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <regex>
@@ -199,15 +204,77 @@ struct DeltaOps<Conv2d<T, Backend>> {
   }
 };
 
-/// PEFT's use_effective_conv2d applies to conv kernels other than 1×1 (the CP form), which peft++ does
-/// not implement yet.
+/// PEFT's use_effective_conv2d selects the CP form on conv kernels other than 1×1 (PEFT ignores it on 1×1
+/// kernels and on Linear). Returns the kernel's number of positions kh·kw when the CP form applies, else 0.
 template <class T, class Backend>
-void check_not_effective(const Conv2d<T, Backend>& base, bool use_effective_conv2d, const char* kind, std::string_view name) {
+Index effective_kernel(const Conv2d<T, Backend>& base, bool use_effective_conv2d) {
   const auto& g = base.geometry();
-  if (use_effective_conv2d && !(g.kernel_h == 1 && g.kernel_w == 1))
-    throw ConfigError(cat(kind, " adapter '", name,
-                          "': use_effective_conv2d (the CP decomposition of a conv kernel) is not implemented on a Conv2d layer yet"));
+  return use_effective_conv2d && !(g.kernel_h == 1 && g.kernel_w == 1) ? g.kernel_h * g.kernel_w : 0;
 }
+template <class T, class Backend>
+Index effective_kernel(const Linear<T, Backend>&, bool) {
+  return 0;
+}
+/// Input channels of the base (C of a conv kernel [O, C, kh, kw]).
+template <class T, class Backend>
+Index in_channels(const Conv2d<T, Backend>& base) {
+  return base.geometry().in_channels;
+}
+template <class T, class Backend>
+Index in_channels(const Linear<T, Backend>& base) {
+  return base.in_features();
+}
+
+/// The CP ("effective conv2d") form of a conv kernel, as LyCORIS and PEFT build it (PEFT's
+/// einsum "i j k l, j r, i p -> p r k l"):
+///
+///   W[p, c, kk] = Σ_{i,j} a[i, p] · t[i, j, kk] · b[j, c]
+///
+/// with a [r, P] (the out-channel mode), b [r, C] (the in-channel mode), the core t [r, r, kh, kw] held as
+/// a [r, r·K] matrix (K = kh·kw, kk = ky·kw + kx), and W [P, C·K] — the kernel layout [P, C, kh, kw]. It
+/// is computed through U = t ×₂ b, U[i, c·K + kk] = Σ_j t[i, j, kk] · b[j, c] ([r, C·K]; row i, read as a
+/// [C, K] matrix, is bᵀ · T_i with T_i = t[i] as [r, K]), then W = aᵀ U: r + 1 GEMMs, no permutation.
+/// Backward from G = ∂L/∂W: ∂a = U Gᵀ, ∂U = a G, ∂b = Σ_i T_i ∂U_iᵀ, ∂T_i = b ∂U_i.
+template <class T, class Backend>
+struct Cp {
+  using Scratch = typename Backend::template GemmScratch<T>;
+
+  /// Row i of a [rows, n·K] matrix read as an [n, K] matrix (rows contiguous).
+  static ConstMatrixView<T> slice(ConstMatrixView<T> m, Index i, Index n, Index K) { return ConstMatrixView<T>(m.data + i * m.stride, n, K, K); }
+  static MatrixView<T> slice(MatrixView<T> m, Index i, Index n, Index K) { return MatrixView<T>(m.data + i * m.stride, n, K, K); }
+
+  /// u [r, C·K] = t ×₂ b.
+  static void core(Scratch& s, ConstMatrixView<T> t, ConstMatrixView<T> b, Index K, MatrixView<T> u) {
+    const Index r = t.rows, C = b.cols;
+    for (Index i = 0; i < r; ++i) Backend::template gemm<Trans::yes, Trans::no>(s, T(1), b, slice(t, i, r, K), T(0), slice(u, i, C, K));
+  }
+  /// w [P, C·K] = alpha · aᵀ u + beta · w.
+  static void rebuild(Scratch& s, T alpha, ConstMatrixView<T> a, ConstMatrixView<T> u, T beta, MatrixView<T> w) {
+    Backend::template gemm<Trans::yes, Trans::no>(s, alpha, a, u, beta, w);
+  }
+  /// The gradients of a, b and t from g = ∂L/∂W [P, C·K], given the core u of the same a, b, t; stored per
+  /// beta (0 overwrite, 1 accumulate). `du` [r, C·K] is scratch.
+  static void grads(Scratch& s, ConstMatrixView<T> g, ConstMatrixView<T> a, ConstMatrixView<T> b, ConstMatrixView<T> t, ConstMatrixView<T> u,
+                    MatrixView<T> du, MatrixView<T> da, MatrixView<T> db, MatrixView<T> dt, Index K, T beta) {
+    const Index r = t.rows, C = b.cols;
+    Backend::template gemm<Trans::no, Trans::yes>(s, T(1), u, g, beta, da);  // ∂a = U Gᵀ          [r, P]
+    Backend::template gemm<Trans::no, Trans::no>(s, T(1), a, g, T(0), du);   // ∂U = a G            [r, C·K]
+    for (Index i = 0; i < r; ++i) {
+      const auto dui = slice(ConstMatrixView<T>(du), i, C, K);
+      Backend::template gemm<Trans::no, Trans::yes>(s, T(1), slice(t, i, r, K), dui, i == 0 ? beta : T(1), db);  // ∂b += T_i ∂U_iᵀ
+      Backend::template gemm<Trans::no, Trans::no>(s, T(1), b, dui, beta, slice(dt, i, r, K));                  // ∂T_i = b ∂U_i
+    }
+  }
+  /// Reserves the scratch for every product above.
+  static void reserve(Scratch& s, Index r, Index P, Index C, Index K) {
+    s.reserve_gemm(C, K, r);      // core
+    s.reserve_gemm(P, C * K, r);  // rebuild
+    s.reserve_gemm(r, P, C * K);  // ∂a
+    s.reserve_gemm(r, C * K, P);  // ∂U
+    s.reserve_gemm(r, C, K);      // ∂b
+    s.reserve_gemm(r, K, C);      // ∂t
+  }
+};
 
 }  // namespace detail::lycoris
 
@@ -243,34 +310,52 @@ struct LohaConfig {
   void validate() const { detail::lycoris::validate_common(*this, "LohaConfig"); }
 };
 
-/// One LoHa adapter: the four factors of ΔW ([rows, cols] = the base weight as a matrix, [out, in] for
-/// Linear; a Conv2d bank would use [out, in·kh·kw]), their gradients and the scaling.
+/// One LoHa adapter: the factors of ΔW ([rows, cols] = the base weight as a matrix, [out, in] for
+/// Linear, [O, C·kh·kw] for Conv2d), their gradients and the scaling. In the CP form (`cp`) the factors
+/// are PEFT's hada_t1/hada_t2 [r, r, kh, kw] (held [r, r·K]), hada_w*_a [r, O] and hada_w*_b [r, C].
 template <class T, class Backend>
 struct LohaAdapter {
   template <class U>
   using buffer = typename Backend::template buffer<U>;
+  using Scratch = typename Backend::template GemmScratch<T>;
+  using cp_ops = detail::lycoris::Cp<T, Backend>;
 
   LohaConfig config;  ///< the resolved per-layer config (patterns applied)
   int r = 0;
   T scaling = 0;
   Index rows = 0, cols = 0;     ///< ΔW as a matrix: [out, in]
   bool transposed = false;      ///< the base stores its weight [in, out] (Conv1D style): ΔW is written transposed
+  bool cp = false;              ///< CP form (use_effective_conv2d on a conv kernel other than 1×1)
+  Index channels = 0;           ///< CP: in channels C (cols = C·kernel)
+  Index kernel = 1;             ///< CP: kernel positions K = kh·kw
   buffer<T> w1a, w1b, w2a, w2b;  ///< hada_w1_a [rows, r], hada_w1_b [r, cols], hada_w2_a [rows, r], hada_w2_b [r, cols]
-  buffer<T> grad_w1a, grad_w1b, grad_w2a, grad_w2b;
+                                 ///< (CP: hada_w*_a [r, rows], hada_w*_b [r, channels])
+  buffer<T> t1, t2;              ///< CP only: hada_t1, hada_t2 [r, r, kh, kw] as [r, r·K]
+  buffer<T> grad_w1a, grad_w1b, grad_w2a, grad_w2b, grad_t1, grad_t2;
   bool requires_grad = false;
 
-  MatrixView<T> hada_w1_a() { return w1a.view(rows, r); }
-  MatrixView<T> hada_w1_b() { return w1b.view(r, cols); }
-  MatrixView<T> hada_w2_a() { return w2a.view(rows, r); }
-  MatrixView<T> hada_w2_b() { return w2b.view(r, cols); }
-  ConstMatrixView<T> hada_w1_a() const { return w1a.view(rows, r); }
-  ConstMatrixView<T> hada_w1_b() const { return w1b.view(r, cols); }
-  ConstMatrixView<T> hada_w2_a() const { return w2a.view(rows, r); }
-  ConstMatrixView<T> hada_w2_b() const { return w2b.view(r, cols); }
-  MatrixView<T> grad_hada_w1_a() { return grad_w1a.view(rows, r); }
-  MatrixView<T> grad_hada_w1_b() { return grad_w1b.view(r, cols); }
-  MatrixView<T> grad_hada_w2_a() { return grad_w2a.view(rows, r); }
-  MatrixView<T> grad_hada_w2_b() { return grad_w2b.view(r, cols); }
+  Index a_rows() const { return cp ? r : rows; }
+  Index a_cols() const { return cp ? rows : r; }
+  Index b_cols() const { return cp ? channels : cols; }
+  MatrixView<T> hada_w1_a() { return w1a.view(a_rows(), a_cols()); }
+  MatrixView<T> hada_w1_b() { return w1b.view(r, b_cols()); }
+  MatrixView<T> hada_w2_a() { return w2a.view(a_rows(), a_cols()); }
+  MatrixView<T> hada_w2_b() { return w2b.view(r, b_cols()); }
+  /// CP only (an empty view otherwise).
+  MatrixView<T> hada_t1() { return cp ? t1.view(r, r * kernel) : MatrixView<T>{}; }
+  MatrixView<T> hada_t2() { return cp ? t2.view(r, r * kernel) : MatrixView<T>{}; }
+  ConstMatrixView<T> hada_w1_a() const { return w1a.view(a_rows(), a_cols()); }
+  ConstMatrixView<T> hada_w1_b() const { return w1b.view(r, b_cols()); }
+  ConstMatrixView<T> hada_w2_a() const { return w2a.view(a_rows(), a_cols()); }
+  ConstMatrixView<T> hada_w2_b() const { return w2b.view(r, b_cols()); }
+  ConstMatrixView<T> hada_t1() const { return cp ? t1.view(r, r * kernel) : ConstMatrixView<T>{}; }
+  ConstMatrixView<T> hada_t2() const { return cp ? t2.view(r, r * kernel) : ConstMatrixView<T>{}; }
+  MatrixView<T> grad_hada_w1_a() { return grad_w1a.view(a_rows(), a_cols()); }
+  MatrixView<T> grad_hada_w1_b() { return grad_w1b.view(r, b_cols()); }
+  MatrixView<T> grad_hada_w2_a() { return grad_w2a.view(a_rows(), a_cols()); }
+  MatrixView<T> grad_hada_w2_b() { return grad_w2b.view(r, b_cols()); }
+  MatrixView<T> grad_hada_t1() { return cp ? grad_t1.view(r, r * kernel) : MatrixView<T>{}; }
+  MatrixView<T> grad_hada_t2() { return cp ? grad_t2.view(r, r * kernel) : MatrixView<T>{}; }
 
   /// Allocates the factors for a [rows, cols] weight matrix and initialises them as PEFT does.
   void init(const LohaConfig& cfg, Index rows_, Index cols_, bool transposed_, Generator& gen) {
@@ -286,6 +371,55 @@ struct LohaAdapter {
     detail::lycoris::kaiming_uniform(gen, w1b.data(), r, cols);
     detail::lycoris::kaiming_uniform(gen, w2a.data(), rows, r);
     if (!cfg.init_weights) detail::lycoris::kaiming_uniform(gen, w2b.data(), r, cols);  // else zero (resize zeroes)
+  }
+
+  /// The CP form for a conv kernel [rows, channels, kh, kw] with kernel = kh·kw positions, initialised as
+  /// PEFT does: w1_a, w1_b, w2_a kaiming-uniform (U(±1/√rows), U(±1/√channels)), w2_b zero (random with
+  /// init_weights = false), t1 and t2 kaiming-uniform U(±1/√(r·kh·kw)) in either case.
+  void init_cp(const LohaConfig& cfg, Index rows_, Index channels_, Index kernel_, Generator& gen) {
+    config = cfg;
+    r = cfg.r;
+    rows = rows_;
+    channels = channels_;
+    kernel = kernel_;
+    cols = channels * kernel;
+    transposed = false;
+    cp = true;
+    scaling = T(LohaConfig::scaling_for(cfg.alpha, cfg.r));
+    for (auto* b : {&w1a, &w2a, &grad_w1a, &grad_w2a}) b->resize(std::size_t(r * rows));
+    for (auto* b : {&w1b, &w2b, &grad_w1b, &grad_w2b}) b->resize(std::size_t(r * channels));
+    for (auto* b : {&t1, &t2, &grad_t1, &grad_t2}) b->resize(std::size_t(r * r * kernel));
+    detail::lycoris::kaiming_uniform(gen, w1a.data(), r, rows);
+    detail::lycoris::kaiming_uniform(gen, w1b.data(), r, channels);
+    detail::lycoris::kaiming_uniform(gen, w2a.data(), r, rows);
+    if (!cfg.init_weights) detail::lycoris::kaiming_uniform(gen, w2b.data(), r, channels);  // else zero
+    detail::lycoris::kaiming_uniform(gen, t1.data(), r, r * kernel);
+    detail::lycoris::kaiming_uniform(gen, t2.data(), r, r * kernel);
+  }
+
+  /// CP form: out = alpha · K1 ⊙ K2 ([rows, cols]); `u1`, `u2` [r, cols] receive the cores t ×₂ w_b (kept for
+  /// backward), `temp` is a [rows, cols] scratch.
+  void delta_cp(Scratch& scratch, T alpha, MatrixView<T> out, MatrixView<T> temp, MatrixView<T> u1, MatrixView<T> u2) const {
+    cp_ops::core(scratch, hada_t1(), hada_w1_b(), kernel, u1);
+    cp_ops::core(scratch, hada_t2(), hada_w2_b(), kernel, u2);
+    cp_ops::rebuild(scratch, T(1), hada_w1_a(), ConstMatrixView<T>(u1), T(0), temp);
+    cp_ops::rebuild(scratch, alpha, hada_w2_a(), ConstMatrixView<T>(u2), T(0), out);
+    Backend::mul(ConstMatrixView<T>(temp), out);
+  }
+  /// CP form: the six gradients from g = ∂L/∂(K1 ⊙ K2) (s and the rank-dropout mask applied), per beta:
+  /// ∂K1 = g ⊙ K2 and ∂K2 = g ⊙ K1, each taken through Cp::grads. `u1`, `u2` are the forward's cores,
+  /// `temp` [rows, cols] and `du` [r, cols] scratch. (The exact gradient: PEFT 0.21's HadaWeightCP.backward
+  /// uses the other factor's core for ∂w1_a and ∂w2_a.)
+  void factor_grads_cp(Scratch& scratch, ConstMatrixView<T> g, MatrixView<T> temp, ConstMatrixView<T> u1, ConstMatrixView<T> u2,
+                       MatrixView<T> du, T beta) {
+    cp_ops::rebuild(scratch, T(1), hada_w2_a(), u2, T(0), temp);  // K2
+    Backend::mul(g, temp);                                        // ∂K1
+    cp_ops::grads(scratch, ConstMatrixView<T>(temp), hada_w1_a(), hada_w1_b(), hada_t1(), u1, du, grad_hada_w1_a(), grad_hada_w1_b(),
+                  grad_hada_t1(), kernel, beta);
+    cp_ops::rebuild(scratch, T(1), hada_w1_a(), u1, T(0), temp);  // K1
+    Backend::mul(g, temp);                                        // ∂K2
+    cp_ops::grads(scratch, ConstMatrixView<T>(temp), hada_w2_a(), hada_w2_b(), hada_t2(), u2, du, grad_hada_w2_a(), grad_hada_w2_b(),
+                  grad_hada_t2(), kernel, beta);
   }
 
   /// out = alpha · (w1_a w1_b) ⊙ (w2_a w2_b) ([rows, cols]); `temp` is a [rows, cols] scratch.
@@ -315,12 +449,16 @@ struct LohaAdapter {
   }
   /// Reserves the scratch for every product above.
   void reserve(typename Backend::template GemmScratch<T>& scratch) const {
+    if (cp) {
+      cp_ops::reserve(scratch, r, rows, channels, kernel);
+      return;
+    }
     scratch.reserve_gemm(rows, cols, r);
     scratch.reserve_gemm(rows, r, cols);
     scratch.reserve_gemm(r, cols, rows);
   }
   void zero_grad() {
-    for (auto* b : {&grad_w1a, &grad_w1b, &grad_w2a, &grad_w2b}) b->zero();
+    for (auto* b : {&grad_w1a, &grad_w1b, &grad_w2a, &grad_w2b, &grad_t1, &grad_t2}) b->zero();
   }
 };
 
@@ -353,8 +491,9 @@ class LohaBankImpl {
 
   struct Context {
     struct Slot {
-      buffer<T> delta;  ///< ΔW as the last forward used it (scaled, rank-dropout mask applied), [out, in]
-      buffer<T> mask;   ///< rank-dropout row mask [out] (only when rank_dropout > 0)
+      buffer<T> delta;   ///< ΔW as the last forward used it (scaled, rank-dropout mask applied), [out, in]
+      buffer<T> mask;    ///< rank-dropout row mask [out] (only when rank_dropout > 0)
+      buffer<T> u1, u2;  ///< CP form only: the cores t ×₂ w_b of the last forward, [r, in]
       bool masked = false;
     };
     std::vector<Slot> slots;
@@ -362,6 +501,7 @@ class LohaBankImpl {
     std::vector<int> skipped;  ///< active slots skipped by module dropout in the last forward
     buffer<T> grad_delta;      ///< ∂L/∂(P1 ⊙ P2), [out, in], shared by the slots
     buffer<T> temp;            ///< [out, in] scratch, shared
+    buffer<T> du;              ///< CP form: ∂L/∂core, [r, in] of the largest rank, shared
     typename ops::State op;    ///< the base-layer products' state (Conv2d: geometry and columns)
   };
 
@@ -371,10 +511,12 @@ class LohaBankImpl {
 
   int add(const base_type& base, const LohaConfig& cfg, Generator& gen, std::string_view name) {
     cfg.validate();
-    if constexpr (requires { check_not_effective(base, cfg.use_effective_conv2d, "LoHa", name); })
-      check_not_effective(base, cfg.use_effective_conv2d, "LoHa", name);
+    (void)name;
     adapter_type a;
-    a.init(cfg, ops::rows(base), ops::cols(base), ops::transposed(base), gen);
+    if (const Index k = effective_kernel(base, cfg.use_effective_conv2d); k > 0)
+      a.init_cp(cfg, ops::rows(base), in_channels(base), k, gen);
+    else
+      a.init(cfg, ops::rows(base), ops::cols(base), ops::transposed(base), gen);
     adapters_.push_back(std::move(a));
     return int(adapters_.size() - 1);
   }
@@ -389,13 +531,20 @@ class LohaBankImpl {
     const Index out = adapters_.front().rows, in = adapters_.front().cols;
     ctx.grad_delta.resize(std::size_t(out * in));
     ctx.temp.resize(std::size_t(out * in));
+    std::size_t ndu = 0;
     for (std::size_t i = 0; i < adapters_.size(); ++i) {
       const auto& a = adapters_[i];
       auto& s = ctx.slots[i];
       s.delta.resize(std::size_t(out * in));
       if (a.config.rank_dropout > 0) s.mask.resize(std::size_t(out));
+      if (a.cp) {
+        s.u1.resize(std::size_t(a.r * in));
+        s.u2.resize(std::size_t(a.r * in));
+        ndu = std::max(ndu, std::size_t(a.r * in));
+      }
       a.reserve(scratch);
     }
+    ctx.du.resize(ndu);
   }
 
   /// y += Σ_{active} x ΔWᵀ (Linear) or conv(x, ΔW) (Conv2d). In train mode (`dropout_on`), module dropout may skip a slot and rank dropout
@@ -413,7 +562,8 @@ class LohaBankImpl {
       ctx.ran.push_back(slot);
       auto& s = ctx.slots[std::size_t(slot)];
       auto delta = s.delta.view(a.rows, a.cols);
-      a.delta(scratch, a.scaling, delta, ctx.temp.view(a.rows, a.cols));
+      if (a.cp) a.delta_cp(scratch, a.scaling, delta, ctx.temp.view(a.rows, a.cols), s.u1.view(a.r, a.cols), s.u2.view(a.r, a.cols));
+      else a.delta(scratch, a.scaling, delta, ctx.temp.view(a.rows, a.cols));
       s.masked = dropout_on && a.config.rank_dropout > 0;
       if (s.masked) {
         detail::lycoris::rank_dropout_mask(s.mask.data(), a.rows, a.config.rank_dropout, /*rescale=*/true, seed,
@@ -440,7 +590,11 @@ class LohaBankImpl {
         auto g = ctx.grad_delta.view(a.rows, a.cols);
         ops::grad(ctx.op, scratch, a.scaling, x, dy, g);  // s · ∂L/∂ΔW
         if (s.masked) detail::lycoris::scale_rows(g, s.mask.data());
-        a.factor_grads(scratch, ConstMatrixView<T>(g), ctx.temp.view(a.rows, a.cols), beta);
+        if (a.cp)
+          a.factor_grads_cp(scratch, ConstMatrixView<T>(g), ctx.temp.view(a.rows, a.cols), ConstMatrixView<T>(s.u1.view(a.r, a.cols)),
+                            ConstMatrixView<T>(s.u2.view(a.r, a.cols)), ctx.du.view(a.r, a.cols), beta);
+        else
+          a.factor_grads(scratch, ConstMatrixView<T>(g), ctx.temp.view(a.rows, a.cols), beta);
       }
       if (!dx.empty()) ops::input_grad(ctx.op, scratch, ConstMatrixView<T>(s.delta.view(a.rows, a.cols)), dy, dx);
     }
@@ -461,7 +615,11 @@ class LohaBankImpl {
     const Index rows = a.transposed ? a.cols : a.rows, cols = a.transposed ? a.rows : a.cols;
     require_shape(out, rows, cols, "LoHa write_delta: out");
     buffer<T> d(std::size_t(rows * cols)), t(std::size_t(rows * cols));
-    if (!a.transposed) {
+    if (a.cp) {
+      buffer<T> u1(std::size_t(a.r * cols)), u2(std::size_t(a.r * cols));
+      a.reserve(scratch);
+      a.delta_cp(scratch, sign * a.scaling, d.view(rows, cols), t.view(rows, cols), u1.view(a.r, cols), u2.view(a.r, cols));
+    } else if (!a.transposed) {
       a.reserve(scratch);
       a.delta(scratch, sign * a.scaling, d.view(rows, cols), t.view(rows, cols));
     } else {
@@ -479,6 +637,10 @@ class LohaBankImpl {
     f(ParamRef<T>{"hada_w1_b." + n, a.w1b.data(), a.grad_w1b.data(), a.w1b.size(), a.requires_grad});
     f(ParamRef<T>{"hada_w2_a." + n, a.w2a.data(), a.grad_w2a.data(), a.w2a.size(), a.requires_grad});
     f(ParamRef<T>{"hada_w2_b." + n, a.w2b.data(), a.grad_w2b.data(), a.w2b.size(), a.requires_grad});
+    if (a.cp) {  // PEFT registers hada_t1 / hada_t2 after the four factors
+      f(ParamRef<T>{"hada_t1." + n, a.t1.data(), a.grad_t1.data(), a.t1.size(), a.requires_grad});
+      f(ParamRef<T>{"hada_t2." + n, a.t2.data(), a.grad_t2.data(), a.t2.size(), a.requires_grad});
+    }
   }
   void set_requires_grad(int slot, bool on) { adapters_[std::size_t(slot)].requires_grad = on; }
   void zero_grad(int slot) { adapters_[std::size_t(slot)].zero_grad(); }
@@ -493,7 +655,7 @@ class LohaBankImpl {
 template <class T, class Backend>
 class LohaBank<Linear<T, Backend>> : public detail::lycoris::LohaBankImpl<T, Backend, Linear<T, Backend>> {};
 
-/// LoHa adapters of one Conv2d layer (PEFT's loha.Conv2d without use_effective_conv2d): ΔW [O, C·kh·kw].
+/// LoHa adapters of one Conv2d layer (PEFT's loha.Conv2d, flat or CP form): ΔW [O, C·kh·kw].
 template <class T, class Backend>
 class LohaBank<Conv2d<T, Backend>> : public detail::lycoris::LohaBankImpl<T, Backend, Conv2d<T, Backend>> {};
 

@@ -11,11 +11,12 @@
 // Train mode only: rank_dropout zeroes whole rows of ΔW (rescaled by 1/mean(keep) only with
 // rank_dropout_scale), module_dropout skips the adapter for one forward.
 //
-// Conv2d (PEFT's lokr.Conv2d, non-CP form): in = in_channels; w2 is [out_k, in_n, kh, kw] (full) or
+// Conv2d (PEFT's lokr.Conv2d): in = in_channels; w2 is [out_k, in_n, kh, kw] (full) or
 // w2_a [out_k, r] · w2_b [r, in_n·kh·kw], i.e. a matrix [out_k, in_n·kh·kw], and ΔW = s · kron(w1, w2) is
 // the kernel [O, C·kh·kw] (= torch.kron of w1 [out_l, in_m, 1, 1] with the 4-D w2). Forward and backward
-// apply ΔW as a convolution (see detail::lycoris::DeltaOps). The CP form (lokr_t2, chosen by
-// use_effective_conv2d when w2 is low-rank and the kernel is not 1×1) is not implemented yet: ConfigError.
+// apply ΔW as a convolution (see detail::lycoris::DeltaOps). CP form (use_effective_conv2d, when w2 is
+// low rank and the kernel is not 1×1): lokr_t2 [r, r, kh, kw], lokr_w2_a [r, out_k], lokr_w2_b [r, in_n],
+//   w2[p, q, y, x] = Σ_{i,j} t2[i, j, y, x] · w2_a[i, p] · w2_b[j, q]        (detail::lycoris::Cp)
 #pragma once
 
 #include <algorithm>
@@ -228,32 +229,44 @@ struct LokrAdapter {
   Index rows = 0, cols = 0;
   LokrLayout layout;
   bool transposed = false;  ///< the base stores its weight [in, out] (Conv1D style)
-  buffer<T> w1, w1a, w1b, w2, w2a, w2b;  ///< only those of `layout` are allocated
-  buffer<T> grad_w1, grad_w1a, grad_w1b, grad_w2, grad_w2a, grad_w2b;
+  buffer<T> w1, w1a, w1b, w2, w2a, w2b, t2;  ///< only those of `layout` are allocated
+  buffer<T> grad_w1, grad_w1a, grad_w1b, grad_w2, grad_w2a, grad_w2b, grad_t2;
   bool requires_grad = false;
+
+  using cp_ops = detail::lycoris::Cp<T, Backend>;
 
   /// w2 as a matrix has in_n·kh·kw columns (in_n for Linear, where kh = kw = 1).
   Index w2_cols() const { return layout.in_n * layout.kh * layout.kw; }
+  /// Kernel positions kh·kw.
+  Index kernel() const { return layout.kh * layout.kw; }
+  /// The CP form of w2 (lokr_t2, lokr_w2_a [r, out_k], lokr_w2_b [r, in_n]).
+  bool cp() const { return !layout.full_w2 && layout.effective; }
 
   // PEFT's tensors; an empty view when the layout has no such tensor.
   MatrixView<T> lokr_w1() { return layout.full_w1 ? w1.view(layout.out_l, layout.in_m) : MatrixView<T>{}; }
   MatrixView<T> lokr_w1_a() { return layout.full_w1 ? MatrixView<T>{} : w1a.view(layout.out_l, r); }
   MatrixView<T> lokr_w1_b() { return layout.full_w1 ? MatrixView<T>{} : w1b.view(r, layout.in_m); }
   MatrixView<T> lokr_w2() { return layout.full_w2 ? w2.view(layout.out_k, w2_cols()) : MatrixView<T>{}; }
-  MatrixView<T> lokr_w2_a() { return layout.full_w2 ? MatrixView<T>{} : w2a.view(layout.out_k, r); }
-  MatrixView<T> lokr_w2_b() { return layout.full_w2 ? MatrixView<T>{} : w2b.view(r, w2_cols()); }
+  MatrixView<T> lokr_w2_a() { return layout.full_w2 ? MatrixView<T>{} : cp() ? w2a.view(r, layout.out_k) : w2a.view(layout.out_k, r); }
+  MatrixView<T> lokr_w2_b() { return layout.full_w2 ? MatrixView<T>{} : w2b.view(r, cp() ? layout.in_n : w2_cols()); }
+  /// lokr_t2 [r, r, kh, kw] as [r, r·kh·kw] (CP form only; an empty view otherwise).
+  MatrixView<T> lokr_t2() { return cp() ? t2.view(r, r * kernel()) : MatrixView<T>{}; }
   ConstMatrixView<T> lokr_w1() const { return const_cast<LokrAdapter*>(this)->lokr_w1(); }
   ConstMatrixView<T> lokr_w1_a() const { return const_cast<LokrAdapter*>(this)->lokr_w1_a(); }
   ConstMatrixView<T> lokr_w1_b() const { return const_cast<LokrAdapter*>(this)->lokr_w1_b(); }
   ConstMatrixView<T> lokr_w2() const { return const_cast<LokrAdapter*>(this)->lokr_w2(); }
   ConstMatrixView<T> lokr_w2_a() const { return const_cast<LokrAdapter*>(this)->lokr_w2_a(); }
   ConstMatrixView<T> lokr_w2_b() const { return const_cast<LokrAdapter*>(this)->lokr_w2_b(); }
+  ConstMatrixView<T> lokr_t2() const { return const_cast<LokrAdapter*>(this)->lokr_t2(); }
   MatrixView<T> grad_lokr_w1() { return layout.full_w1 ? grad_w1.view(layout.out_l, layout.in_m) : MatrixView<T>{}; }
   MatrixView<T> grad_lokr_w1_a() { return layout.full_w1 ? MatrixView<T>{} : grad_w1a.view(layout.out_l, r); }
   MatrixView<T> grad_lokr_w1_b() { return layout.full_w1 ? MatrixView<T>{} : grad_w1b.view(r, layout.in_m); }
   MatrixView<T> grad_lokr_w2() { return layout.full_w2 ? grad_w2.view(layout.out_k, w2_cols()) : MatrixView<T>{}; }
-  MatrixView<T> grad_lokr_w2_a() { return layout.full_w2 ? MatrixView<T>{} : grad_w2a.view(layout.out_k, r); }
-  MatrixView<T> grad_lokr_w2_b() { return layout.full_w2 ? MatrixView<T>{} : grad_w2b.view(r, w2_cols()); }
+  MatrixView<T> grad_lokr_w2_a() {
+    return layout.full_w2 ? MatrixView<T>{} : cp() ? grad_w2a.view(r, layout.out_k) : grad_w2a.view(layout.out_k, r);
+  }
+  MatrixView<T> grad_lokr_w2_b() { return layout.full_w2 ? MatrixView<T>{} : grad_w2b.view(r, cp() ? layout.in_n : w2_cols()); }
+  MatrixView<T> grad_lokr_t2() { return cp() ? grad_t2.view(r, r * kernel()) : MatrixView<T>{}; }
 
   /// Allocates the tensors of `layout_` and initialises them as PEFT does.
   void init(const LokrConfig& cfg, const LokrLayout& layout_, Index rows_, Index cols_, bool transposed_, Generator& gen) {
@@ -283,6 +296,17 @@ struct LokrAdapter {
       w2.resize(std::size_t(b * d));
       grad_w2.resize(w2.size());
       if (!zero_w2) ly::kaiming_uniform(gen, w2.data(), b, d);
+    } else if (cp()) {  // PEFT: w2_a (r, out_k), w2_b (r, in_n), t2 (r, r, kh, kw), t2 always kaiming
+      const Index n = layout.in_n, k = kernel();
+      w2a.resize(std::size_t(r * b));
+      w2b.resize(std::size_t(r * n));
+      t2.resize(std::size_t(r * r * k));
+      grad_w2a.resize(w2a.size());
+      grad_w2b.resize(w2b.size());
+      grad_t2.resize(t2.size());
+      ly::kaiming_uniform(gen, w2a.data(), r, b);
+      if (!zero_w2) ly::kaiming_uniform(gen, w2b.data(), r, n);
+      ly::kaiming_uniform(gen, t2.data(), r, r * k);
     } else {
       w2a.resize(std::size_t(b * r));
       w2b.resize(std::size_t(r * d));
@@ -299,17 +323,24 @@ struct LokrAdapter {
     Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), lokr_w1_a(), lokr_w1_b(), T(0), tmp);
     return tmp;
   }
-  /// w2 as a matrix [out_k, in_n·kh·kw]: lokr_w2, or lokr_w2_a · lokr_w2_b computed into `tmp`.
-  ConstMatrixView<T> block2(Scratch& scratch, MatrixView<T> tmp) const {
+  /// w2 as a matrix [out_k, in_n·kh·kw]: lokr_w2, or lokr_w2_a · lokr_w2_b computed into `tmp`, or (CP)
+  /// w2_aᵀ (t2 ×₂ w2_b) with the core written to `u` [r, in_n·kh·kw].
+  ConstMatrixView<T> block2(Scratch& scratch, MatrixView<T> tmp, MatrixView<T> u = {}) const {
     if (layout.full_w2) return lokr_w2();
+    if (cp()) {
+      cp_ops::core(scratch, lokr_t2(), lokr_w2_b(), kernel(), u);
+      cp_ops::rebuild(scratch, T(1), lokr_w2_a(), ConstMatrixView<T>(u), T(0), tmp);
+      return tmp;
+    }
     Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), lokr_w2_a(), lokr_w2_b(), T(0), tmp);
     return tmp;
   }
 
   /// Parameter gradients from g = ∂L/∂kron(w1, w2) (s and the rank-dropout mask applied), per beta.
-  /// `gw1` [out_l, in_m] and `gw2` [out_k, in_n·kh·kw] are scratch for the low-rank blocks.
+  /// `gw1` [out_l, in_m] and `gw2` [out_k, in_n·kh·kw] are scratch for the low-rank blocks; in the CP form
+  /// `u` is the core of the forward and `du` [r, in_n·kh·kw] scratch.
   void factor_grads(Scratch& scratch, ConstMatrixView<T> g, ConstMatrixView<T> b1, ConstMatrixView<T> b2, MatrixView<T> gw1,
-                    MatrixView<T> gw2, T beta) {
+                    MatrixView<T> gw2, T beta, ConstMatrixView<T> u = {}, MatrixView<T> du = {}) {
     if (layout.full_w1) {
       detail::lokr::kron_grad_a(g, b2, beta, grad_lokr_w1());
     } else {
@@ -319,6 +350,10 @@ struct LokrAdapter {
     }
     if (layout.full_w2) {
       detail::lokr::kron_grad_b(g, b1, beta, grad_lokr_w2());
+    } else if (cp()) {
+      detail::lokr::kron_grad_b(g, b1, T(0), gw2);
+      cp_ops::grads(scratch, ConstMatrixView<T>(gw2), lokr_w2_a(), lokr_w2_b(), lokr_t2(), u, du, grad_lokr_w2_a(), grad_lokr_w2_b(),
+                    grad_lokr_t2(), kernel(), beta);
     } else {
       detail::lokr::kron_grad_b(g, b1, T(0), gw2);
       Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), ConstMatrixView<T>(gw2), lokr_w2_b(), beta, grad_lokr_w2_a());
@@ -333,14 +368,16 @@ struct LokrAdapter {
       scratch.reserve_gemm(a, r, c);
       scratch.reserve_gemm(r, c, a);
     }
-    if (!layout.full_w2) {
+    if (cp()) {
+      cp_ops::reserve(scratch, r, b, layout.in_n, kernel());
+    } else if (!layout.full_w2) {
       scratch.reserve_gemm(b, d, r);
       scratch.reserve_gemm(b, r, d);
       scratch.reserve_gemm(r, d, b);
     }
   }
   void zero_grad() {
-    for (auto* g : {&grad_w1, &grad_w1a, &grad_w1b, &grad_w2, &grad_w2a, &grad_w2b}) g->zero();
+    for (auto* g : {&grad_w1, &grad_w1a, &grad_w1b, &grad_w2, &grad_w2a, &grad_w2b, &grad_t2}) g->zero();
   }
 };
 
@@ -363,14 +400,10 @@ LokrLayout layout_for(const Linear<T, Backend>& base, const LokrConfig& cfg, std
   return LokrLayout::linear(base.out_features(), base.in_features(), cfg.r, cfg.decompose_both, cfg.decompose_factor);
 }
 template <class T, class Backend>
-LokrLayout layout_for(const Conv2d<T, Backend>& base, const LokrConfig& cfg, std::string_view name) {
+LokrLayout layout_for(const Conv2d<T, Backend>& base, const LokrConfig& cfg, std::string_view) {
   const auto& g = base.geometry();
-  const auto l = LokrLayout::conv2d(g.out_channels, g.in_channels, g.kernel_h, g.kernel_w, cfg.r, cfg.decompose_both,
-                                    cfg.decompose_factor, cfg.use_effective_conv2d);
-  if (l.effective)
-    throw ConfigError(cat("LoKr adapter '", name,
-                          "': use_effective_conv2d (the CP decomposition of w2, lokr_t2) is not implemented on a Conv2d layer yet"));
-  return l;
+  return LokrLayout::conv2d(g.out_channels, g.in_channels, g.kernel_h, g.kernel_w, cfg.r, cfg.decompose_both, cfg.decompose_factor,
+                            cfg.use_effective_conv2d);
 }
 
 /// LoKr adapters of one layer (Linear or Conv2d, per detail::lycoris::DeltaOps<Base>), one slot per named
@@ -391,6 +424,7 @@ class LokrBankImpl {
       buffer<T> delta;   ///< ΔW as the last forward used it, [out, in]
       buffer<T> mask;    ///< rank-dropout row mask [out] (only when rank_dropout > 0)
       buffer<T> w1, w2;  ///< the low-rank blocks' products (only for low-rank blocks)
+      buffer<T> u;       ///< CP form: the core t2 ×₂ w2_b of the last forward, [r, in_n·kh·kw]
       bool masked = false;
     };
     std::vector<Slot> slots;
@@ -398,6 +432,7 @@ class LokrBankImpl {
     std::vector<int> skipped;  ///< active slots skipped by module dropout
     buffer<T> grad_delta;      ///< ∂L/∂kron(w1, w2), [out, in], shared
     buffer<T> gw1, gw2;        ///< ∂L/∂w1, ∂L/∂w2 of low-rank blocks, shared (largest slot)
+    buffer<T> du;              ///< CP form: ∂L/∂core, shared (largest slot)
     typename ops::State op;    ///< the base-layer products' state (Conv2d: geometry and columns)
   };
 
@@ -422,7 +457,7 @@ class LokrBankImpl {
     ops::prepare(ctx.op, scratch, max_batch, base);
     const Index out = adapters_.front().rows, in = adapters_.front().cols;
     ctx.grad_delta.resize(std::size_t(out * in));
-    std::size_t n1 = 0, n2 = 0;
+    std::size_t n1 = 0, n2 = 0, nu = 0;
     for (std::size_t i = 0; i < adapters_.size(); ++i) {
       const auto& a = adapters_[i];
       const auto& l = a.layout;
@@ -431,12 +466,17 @@ class LokrBankImpl {
       if (a.config.rank_dropout > 0) s.mask.resize(std::size_t(out));
       if (!l.full_w1) s.w1.resize(std::size_t(l.out_l * l.in_m));
       if (!l.full_w2) s.w2.resize(std::size_t(l.out_k * a.w2_cols()));
+      if (a.cp()) {
+        s.u.resize(std::size_t(a.r * a.w2_cols()));
+        nu = std::max(nu, s.u.size());
+      }
       n1 = std::max(n1, std::size_t(l.out_l * l.in_m));
       n2 = std::max(n2, std::size_t(l.out_k * a.w2_cols()));
       a.reserve(scratch);
     }
     ctx.gw1.resize(n1);
     ctx.gw2.resize(n2);
+    ctx.du.resize(nu);
   }
 
   /// y += Σ_{active} x ΔWᵀ (Linear) or conv(x, ΔW) (Conv2d), with module and rank dropout in train mode.
@@ -486,7 +526,9 @@ class LokrBankImpl {
         const ConstMatrixView<T> b1 = l.full_w1 ? a.lokr_w1() : ConstMatrixView<T>(s.w1.view(l.out_l, l.in_m));
         const ConstMatrixView<T> b2 = l.full_w2 ? a.lokr_w2() : ConstMatrixView<T>(s.w2.view(l.out_k, a.w2_cols()));
         a.factor_grads(scratch, ConstMatrixView<T>(g), b1, b2, l.full_w1 ? MatrixView<T>{} : ctx.gw1.view(l.out_l, l.in_m),
-                       l.full_w2 ? MatrixView<T>{} : ctx.gw2.view(l.out_k, a.w2_cols()), beta);
+                       l.full_w2 ? MatrixView<T>{} : ctx.gw2.view(l.out_k, a.w2_cols()), beta,
+                       a.cp() ? ConstMatrixView<T>(s.u.view(a.r, a.w2_cols())) : ConstMatrixView<T>{},
+                       a.cp() ? ctx.du.view(a.r, a.w2_cols()) : MatrixView<T>{});
       }
       if (!dx.empty()) ops::input_grad(ctx.op, scratch, ConstMatrixView<T>(s.delta.view(a.rows, a.cols)), dy, dx);
     }
@@ -507,8 +549,10 @@ class LokrBankImpl {
     require_shape(out, a.transposed ? a.cols : a.rows, a.transposed ? a.rows : a.cols, "LoKr write_delta: out");
     a.reserve(scratch);
     buffer<T> t1(l.full_w1 ? 0 : std::size_t(l.out_l * l.in_m)), t2(l.full_w2 ? 0 : std::size_t(l.out_k * a.w2_cols()));
+    buffer<T> u(a.cp() ? std::size_t(a.r * a.w2_cols()) : 0);
     const auto b1 = a.block1(scratch, l.full_w1 ? MatrixView<T>{} : t1.view(l.out_l, l.in_m));
-    const auto b2 = a.block2(scratch, l.full_w2 ? MatrixView<T>{} : t2.view(l.out_k, a.w2_cols()));
+    const auto b2 = a.block2(scratch, l.full_w2 ? MatrixView<T>{} : t2.view(l.out_k, a.w2_cols()),
+                             a.cp() ? u.view(a.r, a.w2_cols()) : MatrixView<T>{});
     detail::lokr::kron(sign * a.scaling, b1, b2, beta, out, a.transposed);
   }
 
@@ -525,6 +569,7 @@ class LokrBankImpl {
     visit("lokr_w2", a.w2, a.grad_w2);
     visit("lokr_w2_a", a.w2a, a.grad_w2a);
     visit("lokr_w2_b", a.w2b, a.grad_w2b);
+    visit("lokr_t2", a.t2, a.grad_t2);  // CP form only; PEFT registers it last
   }
   void set_requires_grad(int slot, bool on) { adapters_[std::size_t(slot)].requires_grad = on; }
   void zero_grad(int slot) { adapters_[std::size_t(slot)].zero_grad(); }
@@ -534,7 +579,8 @@ class LokrBankImpl {
     return a.block1(scratch, a.layout.full_w1 ? MatrixView<T>{} : s.w1.view(a.layout.out_l, a.layout.in_m));
   }
   static ConstMatrixView<T> block2(const adapter_type& a, typename Context::Slot& s, Scratch& scratch) {
-    return a.block2(scratch, a.layout.full_w2 ? MatrixView<T>{} : s.w2.view(a.layout.out_k, a.w2_cols()));
+    return a.block2(scratch, a.layout.full_w2 ? MatrixView<T>{} : s.w2.view(a.layout.out_k, a.w2_cols()),
+                    a.cp() ? s.u.view(a.r, a.w2_cols()) : MatrixView<T>{});
   }
 
   std::vector<adapter_type> adapters_;
@@ -546,7 +592,7 @@ class LokrBankImpl {
 template <class T, class Backend>
 class LokrBank<Linear<T, Backend>> : public detail::lokr::LokrBankImpl<T, Backend, Linear<T, Backend>> {};
 
-/// LoKr adapters of one Conv2d layer (PEFT's lokr.Conv2d, non-CP form): ΔW [O, C·kh·kw].
+/// LoKr adapters of one Conv2d layer (PEFT's lokr.Conv2d, flat or CP form of w2): ΔW [O, C·kh·kw].
 template <class T, class Backend>
 class LokrBank<Conv2d<T, Backend>> : public detail::lokr::LokrBankImpl<T, Backend, Conv2d<T, Backend>> {};
 
