@@ -216,9 +216,8 @@ class Adapted {
         backend_type::copy(ConstMatrixView<T>(w), tv);
         Scratch s;
         for_kind(e.kind, [&](auto& bank) { bank.merge_preview(e.slot, s, tv); });
-        for (std::size_t i = 0; i < tmp.size(); ++i)
-          if (!std::isfinite(double(tmp[i])))
-            throw StateError(detail::cat("NaNs detected in the merged weights. The adapter ", n, " seems to be broken"));
+        if (!backend_type::all_finite(ConstMatrixView<T>(tv)))  // a backend op: on a device backend tmp is device memory
+          throw StateError(detail::cat("NaNs detected in the merged weights. The adapter ", n, " seems to be broken"));
       }
       for_kind(e.kind, [&](auto& bank) { bank.apply_delta(e.slot, base_, T(1)); });
       merged_.push_back(n);

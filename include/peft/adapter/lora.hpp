@@ -363,13 +363,14 @@ class LoraBank<Linear<T, Backend>> {
     adapter_type a = adapter_type::shaped(cfg, base.in_features(), base.out_features());
     const double bound_a = 1.0 / std::sqrt(double(a.in));
     switch (cfg.init_lora_weights) {
-      case LoraInit::standard: gen.uniform(a.a.data(), a.a.size(), -bound_a, bound_a); break;
-      case LoraInit::gaussian: gen.normal(a.a.data(), a.a.size(), 0.0, 1.0 / double(a.r)); break;
+      // backend ops (the same numbers as Generator::uniform/normal): on a device backend A and B are device memory
+      case LoraInit::standard: Backend::random_uniform(gen, a.A(), -bound_a, bound_a); break;
+      case LoraInit::gaussian: Backend::random_normal(gen, a.A(), 0.0, 1.0 / double(a.r)); break;
       case LoraInit::off: {
         const double bound_b = 1.0 / std::sqrt(double(a.r));
-        gen.uniform(a.a.data(), a.a.size(), -bound_a, bound_a);
-        gen.uniform(a.b.data(), a.b.size(), -bound_b, bound_b);
-        if (cfg.lora_bias) gen.uniform(a.bias.data(), a.bias.size(), -bound_b, bound_b);
+        Backend::random_uniform(gen, a.A(), -bound_a, bound_a);
+        Backend::random_uniform(gen, a.B(), -bound_b, bound_b);
+        if (cfg.lora_bias) Backend::random_uniform(gen, a.B_bias(), -bound_b, bound_b);
         break;
       }
       case LoraInit::zeros: break;

@@ -5,12 +5,14 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <strings.h>
 #include <type_traits>
 
+#include "peft/backend/trans.hpp"
 #include "peft/buffer.hpp"
 #include "peft/conv_geometry.hpp"
 #include "peft/errors.hpp"
@@ -26,10 +28,6 @@
 #endif
 
 namespace peft {
-
-/// Whether a GEMM operand is used as stored or transposed (a template argument, so only the variants a
-/// layer uses are instantiated).
-enum class Trans : bool { no = false, yes = true };
 
 namespace detail {
 
@@ -379,6 +377,29 @@ struct EigenCpu {
   template <class T>
   static void div(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b, MatrixView<T> y) {
     if (!y.empty()) detail::emap(y).array() = detail::emap(a).array() / detail::emap(b).array();
+  }
+
+  // ---- initialisation and checks (not on the hot path) -------------------------------------------------
+
+  /// y = numbers uniform in [lo, hi) from the next stream of `gen` (y contiguous; Generator::uniform).
+  template <class T>
+  static void random_uniform(Generator& gen, MatrixView<T> y, double lo, double hi) {
+    if (!y.contiguous()) throw ShapeError("EigenCpu::random_uniform: the view must be contiguous");
+    gen.uniform(y.data, std::size_t(y.size()), lo, hi);
+  }
+  /// y = numbers from N(mean, std²) from the next stream of `gen` (y contiguous; Generator::normal).
+  template <class T>
+  static void random_normal(Generator& gen, MatrixView<T> y, double mean, double std) {
+    if (!y.contiguous()) throw ShapeError("EigenCpu::random_normal: the view must be contiguous");
+    gen.normal(y.data, std::size_t(y.size()), mean, std);
+  }
+  /// Whether every element of x is finite (no NaN, no ±Inf).
+  template <class T>
+  static bool all_finite(ConstMatrixView<T> x) {
+    for (Index i = 0; i < x.rows; ++i)
+      for (Index j = 0; j < x.cols; ++j)
+        if (!std::isfinite(double(x(i, j)))) return false;
+    return true;
   }
 };
 

@@ -97,10 +97,10 @@ class Linear {
     const auto [r, c] = stored_shape(in_features, out_features, layout);
     weight_ = detail::ParamStorage<T, Backend>::owned(r, c);
     const double bound = 1.0 / std::sqrt(double(in_features));
-    gen.uniform(weight_.data(), weight_.size(), -bound, bound);
+    Backend::random_uniform(gen, weight_.view(), -bound, bound);  // a backend op: on a device backend the weight is device memory
     if (bias) {
       bias_ = detail::ParamStorage<T, Backend>::owned(1, out_features);
-      gen.uniform(bias_.data(), bias_.size(), -bound, bound);
+      Backend::random_uniform(gen, bias_.view(), -bound, bound);
     }
   }
 

@@ -1,0 +1,257 @@
+// peft++ — the CUDA backend policy: device memory through RAII buffers (cudaMalloc, never managed memory),
+// cuBLAS for GEMMs, peft's own kernels for the element-wise steps and reductions.
+//
+//   using GpuLoraLinear = peft::Adapted<peft::Linear<float, peft::CudaBackend>, peft::Lora>;
+//
+// This header is plain C++ (no CUDA headers, no device code): it compiles with g++ and only declares what
+// the compiled `peft::cuda` library (src/cuda/*.cu, CMake option PEFT_ENABLE_CUDA) defines. Views have the
+// same type as on the CPU; on this backend their pointer is a device pointer. Host and device memory meet
+// only through the explicit copies `upload` and `download`.
+//
+// Streams: every operation runs on the calling thread's current stream (`cuda::set_current_stream`, default
+// the legacy default stream). cuBLAS handles are per (thread, device), made at context creation
+// (`GemmScratch::reserve_gemm`) with a fixed workspace, so forward and backward make no device allocation.
+//
+// Scalar types: float and double are compiled in the library (double serves the exact comparisons with the
+// CPU backend in the tests). bf16/half storage is not done yet.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "peft/backend/trans.hpp"
+#include "peft/errors.hpp"
+#include "peft/rng.hpp"
+#include "peft/view.hpp"
+
+struct CUstream_st;  // cudaStream_t is CUstream_st*
+
+namespace peft {
+
+/// A CUDA runtime or cuBLAS call that failed. The message names the call, the error and the source line.
+struct CudaError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+namespace cuda {
+
+/// A CUDA stream (the same type as cudaStream_t); nullptr is the legacy default stream.
+using Stream = CUstream_st*;
+
+/// Number of CUDA devices; 0 when there is none or no usable driver (never throws).
+int device_count() noexcept;
+/// The name of the current device ("NVIDIA H200", ...).
+std::string device_name();
+/// Free and total memory of the current device, in bytes (cudaMemGetInfo).
+struct MemInfo {
+  std::size_t free = 0, total = 0;
+};
+MemInfo mem_info();
+/// Number of device allocations (cudaMalloc calls) made by peft's buffers and cuBLAS workspaces since the
+/// process started. Tests read it before and after forward/backward: the hot path allocates nothing.
+std::uint64_t allocation_count() noexcept;
+/// The calling thread's current stream; every peft operation of this thread runs on it.
+Stream current_stream() noexcept;
+void set_current_stream(Stream s) noexcept;
+/// Waits until the current stream has finished its work; throws CudaError for an earlier asynchronous failure.
+void synchronize();
+
+namespace detail {
+void* alloc(std::size_t bytes);
+void free(void* p) noexcept;
+void zero(void* p, std::size_t bytes);
+void copy_device(void* dst, const void* src, std::size_t bytes);
+enum class CopyKind { host_to_device, device_to_host, device_to_device };
+/// A strided copy of `height` rows of `width` bytes; host copies are complete when it returns.
+void copy_2d(void* dst, std::size_t dpitch, const void* src, std::size_t spitch, std::size_t width, std::size_t height, CopyKind kind);
+/// The calling thread's cuBLAS handle for the current device (made on first use: allocates).
+struct BlasHandle;
+BlasHandle* blas_handle();
+}  // namespace detail
+
+}  // namespace cuda
+
+/// A resizable, zero-initialised array of trivially copyable `T` in device memory (cudaMalloc). Copies are
+/// deep (device to device). Only construction, `resize` and copy allocate. There is no element access from
+/// the host: use CudaBackend::upload / download.
+template <class T>
+class DeviceBuffer {
+  static_assert(std::is_trivially_copyable_v<T>);
+
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(std::size_t n) { resize(n); }
+  DeviceBuffer(const DeviceBuffer& o) : DeviceBuffer(o.size_) {
+    if (size_) cuda::detail::copy_device(data_, o.data_, size_ * sizeof(T));
+  }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  DeviceBuffer& operator=(const DeviceBuffer& o) {
+    if (this != &o) {
+      DeviceBuffer t(o);
+      swap(t);
+    }
+    return *this;
+  }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    DeviceBuffer t(std::move(o));
+    swap(t);
+    return *this;
+  }
+  ~DeviceBuffer() { cuda::detail::free(data_); }
+
+  /// Resizes to `n` elements, all zero (previous contents are discarded).
+  void resize(std::size_t n) {
+    if (n == size_) { zero(); return; }
+    cuda::detail::free(std::exchange(data_, nullptr));
+    size_ = 0;
+    if (n == 0) return;
+    data_ = static_cast<T*>(cuda::detail::alloc(n * sizeof(T)));
+    size_ = n;
+    zero();
+  }
+  /// Sets every element to zero bits (asynchronous on the current stream).
+  void zero() { if (size_) cuda::detail::zero(data_, size_ * sizeof(T)); }
+
+  T* data() noexcept { return data_; }
+  const T* data() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+  bool empty() const noexcept { return size_ == 0; }
+
+  /// The first rows*cols elements as a row-major [rows, cols] view of device memory.
+  MatrixView<T> view(Index rows, Index cols) { check(rows, cols); return {data(), rows, cols}; }
+  ConstMatrixView<T> view(Index rows, Index cols) const { check(rows, cols); return {data(), rows, cols}; }
+
+  void swap(DeviceBuffer& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(size_, o.size_);
+  }
+
+ private:
+  void check(Index rows, Index cols) const {
+    if (rows < 0 || cols < 0 || std::size_t(rows * cols) > size_)
+      throw ShapeError(detail::cat("DeviceBuffer: a [", rows, ", ", cols, "] view does not fit in ", size_, " elements"));
+  }
+  T* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+/// The CUDA backend policy: the operations of EigenCpu over device memory. Stateless; operations are
+/// asynchronous on the current stream and allocate nothing (except `all_finite` and the random fills,
+/// which are for merging and initialisation). Compiled for T = float and double.
+struct CudaBackend {
+  static constexpr const char* name = "cuda";
+
+  template <class T>
+  using buffer = DeviceBuffer<T>;
+
+  /// What a GEMM needs besides its operands: the calling thread's cuBLAS handle for the current device
+  /// (shared by every scratch of the thread, with a fixed workspace). `reserve_gemm` makes the handle on
+  /// first use, at context creation, so the GEMMs of forward and backward allocate nothing.
+  template <class T>
+  struct GemmScratch {
+    cuda::detail::BlasHandle* blas = nullptr;
+    void reserve_gemm(Index m, Index n, Index k) {
+      (void)m, (void)n, (void)k;
+      blas = cuda::detail::blas_handle();
+    }
+  };
+
+  // ---- explicit copies between host and device memory ---------------------------------------------------
+
+  /// device = host (same shapes; strided views allowed). Complete when it returns.
+  template <class T>
+  static void upload(std::type_identity_t<ConstMatrixView<T>> host, MatrixView<T> device) {
+    same_shape(host, device, "CudaBackend::upload");
+    if (!device.empty())
+      cuda::detail::copy_2d(device.data, std::size_t(device.stride) * sizeof(T), host.data, std::size_t(host.stride) * sizeof(T),
+                            std::size_t(device.cols) * sizeof(T), std::size_t(device.rows), cuda::detail::CopyKind::host_to_device);
+  }
+  /// host = device (same shapes; strided views allowed). Waits for the current stream's earlier work.
+  template <class T>
+  static void download(std::type_identity_t<ConstMatrixView<T>> device, MatrixView<T> host) {
+    same_shape(device, host, "CudaBackend::download");
+    if (!host.empty())
+      cuda::detail::copy_2d(host.data, std::size_t(host.stride) * sizeof(T), device.data, std::size_t(device.stride) * sizeof(T),
+                            std::size_t(host.cols) * sizeof(T), std::size_t(host.rows), cuda::detail::CopyKind::device_to_host);
+  }
+
+  // ---- the backend operations (see EigenCpu for the contract of each) ----------------------------------
+
+  /// c = alpha * op(a) * op(b) + beta * c through cuBLAS (row-major operands, passed as their column-major
+  /// transposes). beta == 0 never reads c.
+  template <Trans TA, Trans TB, class T>
+  static void gemm(GemmScratch<T>& scratch, std::type_identity_t<T> alpha, std::type_identity_t<ConstMatrixView<T>> a,
+                   std::type_identity_t<ConstMatrixView<T>> b, std::type_identity_t<T> beta, std::type_identity_t<MatrixView<T>> c);
+
+  template <class T>
+  static void scale(MatrixView<T> y, std::type_identity_t<T> beta);
+  template <class T>
+  static void fill(MatrixView<T> y, std::type_identity_t<T> value);
+  template <class T>
+  static void copy(std::type_identity_t<ConstMatrixView<T>> x, MatrixView<T> y);
+  template <class T>
+  static void axpby(std::type_identity_t<T> alpha, std::type_identity_t<ConstMatrixView<T>> x, std::type_identity_t<T> beta, MatrixView<T> y);
+  /// v is a device pointer to y.cols elements.
+  template <class T>
+  static void add_row_vector(MatrixView<T> y, const std::type_identity_t<T>* v, std::type_identity_t<T> alpha);
+  /// v is a device pointer to y.rows elements.
+  template <class T>
+  static void add_col_vector(MatrixView<T> y, const std::type_identity_t<T>* v, std::type_identity_t<T> alpha);
+  template <class T>
+  static void scale_cols(MatrixView<T> y, const std::type_identity_t<T>* v);
+  template <class T>
+  static void scale_rows(MatrixView<T> y, const std::type_identity_t<T>* v);
+  template <class T>
+  static void add_scaled_cols(std::type_identity_t<ConstMatrixView<T>> x, const std::type_identity_t<T>* v, std::type_identity_t<T> beta,
+                              MatrixView<T> y);
+  template <class T>
+  static void mul(std::type_identity_t<ConstMatrixView<T>> a, MatrixView<T> y);
+  template <class T>
+  static void div(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b, MatrixView<T> y);
+  /// out (device, x.rows elements) = beta * out + alpha * row sums.
+  template <class T>
+  static void sum_cols(std::type_identity_t<ConstMatrixView<T>> x, T* out, std::type_identity_t<T> alpha, std::type_identity_t<T> beta);
+  /// out (device, x.cols elements) = beta * out + alpha * column sums.
+  template <class T>
+  static void sum_rows(std::type_identity_t<ConstMatrixView<T>> x, T* out, std::type_identity_t<T> alpha, std::type_identity_t<T> beta);
+  template <class T>
+  static void sum_rows_mul(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b, T* out,
+                           std::type_identity_t<T> alpha, std::type_identity_t<T> beta);
+  template <class T>
+  static void row_norms(std::type_identity_t<ConstMatrixView<T>> x, T* out);
+  template <class T>
+  static void col_norms(std::type_identity_t<ConstMatrixView<T>> x, T* out);
+  /// Inverted dropout with the CPU's counter-based mask: element (i, j) is kept iff
+  /// uniform01(seed, stream, i * cols + j) >= p, so masks agree bit for bit with EigenCpu::dropout.
+  template <class T>
+  static void dropout(std::type_identity_t<ConstMatrixView<T>> x, MatrixView<T> y, double p, std::uint64_t seed, std::uint64_t stream);
+
+  /// y = Generator::uniform numbers (drawn on the host, so they equal the CPU backend's, then uploaded).
+  template <class T>
+  static void random_uniform(Generator& gen, MatrixView<T> y, double lo, double hi);
+  /// y = Generator::normal numbers (drawn on the host, then uploaded).
+  template <class T>
+  static void random_normal(Generator& gen, MatrixView<T> y, double mean, double std);
+  /// Whether every element is finite (synchronises; for safe merging).
+  template <class T>
+  static bool all_finite(ConstMatrixView<T> x);
+
+  // Not provided yet (later steps of the CUDA backend): gather_rows, scatter_add_rows, gather_cols,
+  // scatter_add_cols (Embedding), im2col, col2im (Conv2d). Layers that need them do not compile with it.
+
+ private:
+  template <class A, class B>
+  static void same_shape(const MatrixView<A>& a, const MatrixView<B>& b, const char* where) {
+    if (a.rows != b.rows || a.cols != b.cols)
+      throw ShapeError(detail::cat(where, ": source is [", a.rows, ", ", a.cols, "], destination is [", b.rows, ", ", b.cols, "]"));
+  }
+};
+
+/// The name docs/design.md uses for this policy.
+using Cuda = CudaBackend;
+
+}  // namespace peft
