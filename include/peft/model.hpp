@@ -8,7 +8,9 @@
 // A field is a *layer* when it has `visit_parameters`; aggregates (nested structs), std::array and
 // std::vector of layers are walked recursively; every other field (activations, ints, ...) is skipped.
 // Boost 1.81's PFR has no field names, so parameter names are prefixed with the field index path
-// ("0.lora_A.default.weight", "2.1.weight"), or with the layer's module_path() when it has one.
+// ("0.lora_A.default.weight", "2.1.weight"), or with the layer's module_path() when it has one. An
+// aggregate may name its fields with `static constexpr std::array<std::string_view, N> field_names`
+// (the transformer blocks in peft/nn/ do: "h.0.attn.q_proj.weight").
 #pragma once
 
 #include <array>
@@ -55,6 +57,18 @@ struct is_std_vector : std::false_type {};
 template <class T, class A>
 struct is_std_vector<std::vector<T, A>> : std::true_type {};
 
+/// The name of field i of aggregate U in parameter paths: U::field_names[i] when U declares a
+/// `static constexpr std::array<std::string_view, N> field_names` (PFR 1.81 has no field names), else "i".
+template <class U>
+std::string field_name(std::size_t i) {
+  if constexpr (requires { U::field_names[0]; }) {
+    static_assert(std::size(U::field_names) == boost::pfr::tuple_size_v<U>, "field_names must name every field of the aggregate, in order");
+    return std::string(U::field_names[i]);
+  } else {
+    return std::to_string(i);
+  }
+}
+
 template <class F>
 struct LayerWalker {
   F& f;
@@ -67,7 +81,8 @@ struct LayerWalker {
       for (std::size_t i = 0; i < x.size(); ++i) walk(x[i], path.empty() ? std::to_string(i) : path + "." + std::to_string(i));
     } else if constexpr (std::is_class_v<U> && std::is_aggregate_v<U>) {
       boost::pfr::for_each_field(x, [&](auto& field, std::size_t i) {
-        walk(field, path.empty() ? std::to_string(i) : path + "." + std::to_string(i));
+        const std::string name = field_name<U>(i);
+        walk(field, path.empty() ? name : path + "." + name);
       });
     }
   }

@@ -13,6 +13,9 @@
 #include <new>
 
 #include "test_util.hpp"
+#include <peft/nn/decoder.hpp>
+#include <peft/nn/loss.hpp>
+#include <peft/prompt/prompt_tuning.hpp>
 
 namespace {
 std::atomic<long> g_news{0}, g_mallocs{0};
@@ -331,5 +334,81 @@ TEMPLATE_TEST_CASE("cp-form loha and lokr on conv2d allocate nothing after make_
       CHECK(cc.news == 0);
       CHECK(cc.mallocs == 0);
     }
+  }
+}
+
+TEMPLATE_TEST_CASE("transformer decoder (LoRA on q/v, past keys/values, mask) allocates nothing after make_context", "[nn][alloc]", float, double) {
+  using T = TestType;
+  nn::DecoderConfig cfg;
+  cfg.vocab_size = 50;
+  cfg.max_position_embeddings = 40;
+  cfg.d_model = 32;
+  cfg.num_layers = 2;
+  cfg.num_heads = 4;
+  for (bool full : {false, true}) {
+    CAPTURE(full);
+    Generator g(9);
+    auto m = nn::make_decoder<T, Adapted<Linear<T>, Lora>>(cfg, g);
+    LoraConfig lc;
+    lc.r = 4;
+    lc.lora_dropout = 0.1;
+    for (auto& b : m.h) for (auto* a : {&b.attn.q_proj, &b.attn.v_proj}) a->add_adapter("default", lc, g);
+    if (full) set_base_requires_grad(m, true);
+    const peft::Index batch = 3, seq = 7, past = 4, rows = batch * seq;
+    auto ctx = m.make_context(batch, 16, past);  // a larger max_seq than used
+    std::vector<std::int64_t> ids(static_cast<std::size_t>(rows)), mask(static_cast<std::size_t>(batch * (past + seq)), 1);
+    for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = std::int64_t(i * 7 % 50);
+    mask[3] = mask[past + seq + 1] = 0;
+    std::vector<Mat<T>> kv, gkv;
+    for (int i = 0; i < 4; ++i) {
+      kv.push_back(random_mat<T>(batch * 4 * past, 8, std::uint64_t(i)));
+      gkv.push_back(Mat<T>(batch * 4 * past, 8));
+    }
+    const std::vector<nn::PastKeyValue<T>> pkv{{kv[0], kv[1], past}, {kv[2], kv[3], past}};
+    const std::vector<nn::PastKeyValueGrad<T>> pg{{gkv[0], gkv[1]}, {gkv[2], gkv[3], GradMode::accumulate}};
+    const Mat<T> emb = random_mat<T>(rows, 32, 5);
+    Mat<T> logits(rows, 50), dl(rows, 50), demb(rows, 32);
+    const nn::DecoderInput<T> in{batch, seq, ids, {}, pkv, mask};
+    const nn::DecoderInput<T> in_emb{batch, seq, {}, emb, pkv, mask};
+    m.forward(ctx, in, logits);  // warm-up
+    nn::causal_lm_loss<T>(logits, ids, batch, seq, dl);
+    m.backward(ctx, dl, {demb, pg});
+    const auto c = count_allocations([&] {
+      for (int i = 0; i < 2; ++i) {
+        m.forward(ctx, in, logits);
+        nn::causal_lm_loss<T>(logits, ids, batch, seq, dl);
+        m.backward(ctx, dl, {demb, pg}, GradMode::accumulate);
+        m.forward(ctx, in_emb, logits);
+        m.backward(ctx, dl, {demb, {}}, GradMode::overwrite, GradMode::accumulate);
+      }
+    });
+    CHECK(c.news == 0);
+    CHECK(c.mallocs == 0);
+
+    // prompt tuning: the prompts prepended to the token embeddings, backward into the table
+    PromptTuningConfig pc;
+    pc.num_virtual_tokens = 5;
+    pc.prompt_tuning_init = PromptTuningInit::text;
+    pc.init_token_ids = {3, 4};
+    PromptEmbedding<T> pe(pc, m.wte.weight(), g);
+    auto pctx = pe.make_context(batch);
+    auto ectx = m.wte.make_context(rows);
+    auto pdctx = m.make_context(batch, 5 + seq);
+    Mat<T> tok(rows, 32), pin(batch * (5 + seq), 32), dpin(batch * (5 + seq), 32), pl(batch * (5 + seq), 50);
+    const nn::DecoderInput<T> pinput{batch, 5 + seq, {}, pin};
+    m.wte.forward(ectx, ids, tok);
+    pe.prepend(pctx, tok, batch, seq, pin);
+    m.forward(pdctx, pinput, pl);
+    m.backward(pdctx, pl, {dpin, {}});
+    pe.backward_from_inputs_embeds(pctx, dpin, seq);
+    const auto cp = count_allocations([&] {
+      m.wte.forward(ectx, ids, tok);
+      pe.prepend(pctx, tok, batch, seq, pin);
+      m.forward(pdctx, pinput, pl);
+      m.backward(pdctx, pl, {dpin, {}}, GradMode::overwrite);
+      pe.backward_from_inputs_embeds(pctx, dpin, seq, GradMode::overwrite);
+    });
+    CHECK(cp.news == 0);
+    CHECK(cp.mallocs == 0);
   }
 }
