@@ -12,6 +12,7 @@
 #include "peft/layer/linear.hpp"
 #include "peft/layer/embedding.hpp"
 #include "peft/layer/conv2d.hpp"
+#include "peft/layer/pool2d.hpp"
 #include "peft/adapter/lora.hpp"
 #include "peft/adapter/ia3.hpp"
 #include "peft/adapter/lora_embedding.hpp"
