@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -51,6 +52,10 @@ constexpr std::size_t kind_position() {
 }
 }  // namespace detail
 
+/// Tag for make_context: also size the buffers of forward_mixed / backward_mixed (mixed-adapter batches).
+struct MixedBatches {};
+inline constexpr MixedBatches mixed_batches{};
+
 /// A base layer (e.g. `Linear<float>`) with adapters of the given kinds (e.g. `Lora`).
 ///
 /// Forward: the base assigns y; every active, unmerged adapter adds its contribution (their deltas sum).
@@ -77,6 +82,19 @@ class Adapted {
     std::uint64_t generation = 0;
     std::uint64_t seed = 0;
     std::uint64_t merge_state = 0;  ///< the layer's merge state at forward time
+    /// forward_mixed's state (buffers sized only by make_context(max_batch, mixed_batches))
+    struct Mixed {
+      typename backend_type::template buffer<T> x, y, dx;  ///< rows grouped by adapter: [max_batch, in], [max_batch, out], [max_batch, in]
+      std::vector<Index> perm;       ///< grouped row i came from batch row perm[i]
+      std::vector<Index> offset;     ///< group g holds grouped rows [offset[g], offset[g + 1])
+      std::vector<int> entry;        ///< group g's adapter (index into adapter_names())
+      std::vector<Index> count;      ///< per adapter, scratch for the grouping
+      std::vector<int> one;          ///< the single-slot active list passed to a bank
+      Index max_batch = 0;
+      std::size_t groups = 0;
+      bool sized = false;            ///< made with mixed_batches
+      bool last = false;             ///< the last forward on this context was forward_mixed
+    } mixed;
   };
 
   Adapted() = default;
@@ -303,6 +321,7 @@ class Adapted {
     base_.check_io(ctx.base, x, y, "Adapted.forward");
     bind_base();
     ctx.merge_state = merge_state_;
+    ctx.mixed.last = false;
     ctx.seed = detail::random_bits(seed_, 0x5EEDull, forwards_++);  // distinct for every (seed, forward count)
     // 1. input-scaling adapters ((IA)³ on feed-forward layers): the base and additive adapters see x ⊙ l
     input_type xin = x;
@@ -329,6 +348,7 @@ class Adapted {
   void backward(Context& ctx, ConstMatrixView<T> dy, MatrixView<T> dx, GradMode params = GradMode::accumulate,
                 GradMode input = GradMode::overwrite) {
     check_context(ctx, "backward");
+    if (ctx.mixed.last) throw StateError("Adapted.backward: the last forward on this context was forward_mixed; use backward_mixed");
     base_.check_backward(ctx.base, dy, dx, "Adapted.backward");
     bind_base();
     if (!merged_.empty())
@@ -370,6 +390,168 @@ class Adapted {
     each_kind([&](auto& bank, auto& bctx, const auto&) {
       if constexpr (requires { bank.pre_backward(bctx, dx, input, params); }) bank.pre_backward(bctx, dx, input, params);
     }, ctx);
+  }
+
+  // ---- mixed-adapter batches (PEFT's adapter_names) ------------------------------------------------
+
+  /// make_context, plus the buffers of forward_mixed / backward_mixed: two [max_batch, in] and one
+  /// [max_batch, out] matrix and a few index lists. After this, the mixed path allocates nothing either.
+  Context make_context(Index max_batch, MixedBatches) const {
+    Context ctx = make_context(max_batch);
+    auto& m = ctx.mixed;
+    m.x.resize(std::size_t(max_batch * in_features()));
+    m.dx.resize(std::size_t(max_batch * in_features()));
+    m.y.resize(std::size_t(max_batch * out_features()));
+    m.perm.resize(std::size_t(max_batch));
+    m.offset.resize(entries_.size() + 1);
+    m.entry.resize(entries_.size());
+    m.count.resize(entries_.size());
+    m.one.reserve(1);
+    m.max_batch = max_batch;
+    m.sized = true;
+    return ctx;
+  }
+
+  /// Per-row adapter indices for forward_mixed, from PEFT-style names: "__base__" (no adapter) → -1. An
+  /// unknown name is an AdapterError, or -1 with `missing_is_base` (PEFT's rule on one layer: a layer
+  /// without that adapter gives the base output for those rows). Indices are valid until adapters are
+  /// added or deleted. Allocates; call it once per batch layout, not in the hot path.
+  std::vector<int> adapter_indices(const std::vector<std::string>& names, bool missing_is_base = false) const {
+    std::vector<int> out;
+    out.reserve(names.size());
+    for (const auto& n : names) {
+      if (n == "__base__") {
+        out.push_back(-1);
+        continue;
+      }
+      auto it = std::find_if(entries_.begin(), entries_.end(), [&](auto& e) { return e.name == n; });
+      if (it == entries_.end()) {
+        if (missing_is_base) {
+          out.push_back(-1);
+          continue;
+        }
+        find(n);  // throws, listing the layer's adapters
+      }
+      out.push_back(int(it - entries_.begin()));
+    }
+    return out;
+  }
+
+  /// Mixed-adapter batch (PEFT's `adapter_names=`): row i of the output is base(x_i) plus the delta of
+  /// adapter row_adapter[i] only (an index from adapter_indices; -1: the base output alone), whatever the
+  /// active set — the same numbers as running that row alone with only that adapter active (up to the
+  /// order of floating-point sums). Rows are grouped by adapter (a stable counting sort into the context's
+  /// buffers); each group runs the adapter's usual forward on its gathered rows. Additive adapters only
+  /// (LoRA, LoHa, LoKr, ...); DoRA and scaling adapters ((IA)³) are refused, as is a merged layer. With
+  /// adapters disabled every row gets the base output. Needs make_context(max_batch, mixed_batches).
+  void forward_mixed(Context& ctx, ConstMatrixView<T> x, MatrixView<T> y, std::span<const int> row_adapter)
+    requires std::is_same_v<input_type, ConstMatrixView<T>>
+  {
+    check_context(ctx, "forward_mixed");
+    auto& m = ctx.mixed;
+    if (!m.sized) throw StateError("Adapted.forward_mixed: the context was made without mixed_batches; use make_context(max_batch, peft::mixed_batches)");
+    base_.check_io(ctx.base, x, y, "Adapted.forward_mixed");
+    if (Index(row_adapter.size()) != x.rows)
+      throw ShapeError(detail::cat("Adapted.forward_mixed: ", row_adapter.size(), " adapter indices for a batch of ", x.rows, " rows"));
+    if (!merged_.empty())
+      throw StateError(detail::cat("Adapted.forward_mixed: adapter '", merged_.front(), "' is merged; mixed batches need unmerged adapters (as PEFT)"));
+    for (int a : row_adapter) {
+      if (a < -1 || a >= int(entries_.size()))
+        throw AdapterError(detail::cat("Adapted.forward_mixed: adapter index ", a, " out of range (this layer has ", entries_.size(), " adapters; -1 is the base)"));
+      if (a >= 0) check_mixable(ctx, entries_[std::size_t(a)]);
+    }
+    bind_base();
+    ctx.merge_state = merge_state_;
+    ctx.seed = detail::random_bits(seed_, 0x5EEDull, forwards_++);
+    base_.forward_into(ctx.base, x, y);
+    ctx.base.x = x;
+    ctx.base.has_forward = true;
+    m.last = true;
+    // stable counting sort of the rows by adapter (base rows, and every row when disabled, are left out)
+    const std::size_t E = entries_.size();
+    std::fill(m.count.begin(), m.count.end(), Index(0));
+    if (enabled_)
+      for (int a : row_adapter)
+        if (a >= 0) ++m.count[std::size_t(a)];
+    m.groups = 0;
+    Index at = 0;
+    for (std::size_t e = 0; e < E; ++e) {
+      if (m.count[e] == 0) continue;
+      m.entry[m.groups] = int(e);
+      m.offset[m.groups++] = at;
+      const Index n = m.count[e];
+      m.count[e] = at;  // from now on: the next free grouped row of adapter e
+      at += n;
+    }
+    m.offset[m.groups] = at;
+    if (enabled_)
+      for (Index i = 0; i < x.rows; ++i)
+        if (const int a = row_adapter[std::size_t(i)]; a >= 0) m.perm[std::size_t(m.count[std::size_t(a)]++)] = i;
+    const Index in = in_features(), out = out_features();
+    for (std::size_t g = 0; g < m.groups; ++g) {
+      const Entry& e = entries_[std::size_t(m.entry[g])];
+      const Index r0 = m.offset[g], n = m.offset[g + 1] - r0;
+      auto xg = m.x.view(m.max_batch, in).row_block(r0, n);
+      auto yg = m.y.view(m.max_batch, out).row_block(r0, n);
+      for (Index i = 0; i < n; ++i) backend_type::copy(x.row_block(m.perm[std::size_t(r0 + i)], 1), xg.row_block(i, 1));
+      backend_type::fill(yg, T(0));
+      m.one.assign(1, e.slot);
+      detail::for_each_index([&](auto k) {
+        if (k != e.kind) return;
+        auto& bank = std::get<k>(banks_);
+        if constexpr (requires { bank.forward(std::get<k>(ctx.banks), ctx.base.scratch, m.one, ConstMatrixView<T>(xg), yg, training_, ctx.seed, 0); })
+          bank.forward(std::get<k>(ctx.banks), ctx.base.scratch, m.one, ConstMatrixView<T>(xg), yg, training_, ctx.seed, 0);
+      }, std::index_sequence_for<Kinds...>{});
+      for (Index i = 0; i < n; ++i)
+        backend_type::axpby(T(1), ConstMatrixView<T>(yg.row_block(i, 1)), T(1), y.row_block(m.perm[std::size_t(r0 + i)], 1));
+    }
+  }
+
+  /// Backward of forward_mixed, with backward()'s gradient contract: the base writes dx per `input` (and
+  /// its weight gradient when trainable), each group's adapter adds to its rows of dx, and every adapter
+  /// parameter gradient is written per `params` (with overwrite, adapters that ran in no group get zeros).
+  void backward_mixed(Context& ctx, ConstMatrixView<T> dy, MatrixView<T> dx, GradMode params = GradMode::accumulate,
+                      GradMode input = GradMode::overwrite)
+    requires std::is_same_v<input_type, ConstMatrixView<T>>
+  {
+    check_context(ctx, "backward_mixed");
+    auto& m = ctx.mixed;
+    if (!m.last) throw StateError("Adapted.backward_mixed: the last forward on this context was not forward_mixed");
+    base_.check_backward(ctx.base, dy, dx, "Adapted.backward_mixed");
+    bind_base();
+    if (!merged_.empty()) throw StateError(detail::cat("Adapted.backward_mixed: adapter '", merged_.front(), "' is merged"));
+    if (ctx.merge_state != merge_state_)
+      throw StateError("Adapted.backward_mixed: adapters were merged, unmerged, enabled or disabled since this forward; run forward again");
+    base_.backward_input(ctx.base, dy, dx, input == GradMode::accumulate ? T(1) : T(0));
+    if (base_.requires_grad()) base_.backward_params(ctx.base, ctx.base.x, dy, params == GradMode::accumulate ? T(1) : T(0));
+    if (params == GradMode::overwrite)
+      for (std::size_t e = 0; e < entries_.size(); ++e) {
+        bool ran = false;
+        for (std::size_t g = 0; g < m.groups; ++g) ran = ran || m.entry[g] == int(e);
+        if (!ran) for_kind(entries_[e].kind, [&](auto& bank) { bank.zero_grad(entries_[e].slot); });
+      }
+    const Index in = in_features(), out = out_features();
+    for (std::size_t g = 0; g < m.groups; ++g) {
+      const Entry& e = entries_[std::size_t(m.entry[g])];
+      const Index r0 = m.offset[g], n = m.offset[g + 1] - r0;
+      auto xg = m.x.view(m.max_batch, in).row_block(r0, n);
+      auto dyg = m.y.view(m.max_batch, out).row_block(r0, n);  // forward's y rows are no longer needed
+      auto dxg = m.dx.view(m.max_batch, in).row_block(r0, n);
+      for (Index i = 0; i < n; ++i) backend_type::copy(dy.row_block(m.perm[std::size_t(r0 + i)], 1), dyg.row_block(i, 1));
+      if (!dx.empty()) backend_type::fill(dxg, T(0));
+      detail::for_each_index([&](auto k) {
+        if (k != e.kind) return;
+        auto& bank = std::get<k>(banks_);
+        auto& bctx = std::get<k>(ctx.banks);
+        m.one.assign(1, e.slot);
+        bctx.ran.assign(m.one.begin(), m.one.end());
+        if constexpr (requires { bank.backward(bctx, ctx.base.scratch, ConstMatrixView<T>(xg), ConstMatrixView<T>(dyg), dxg, params, ctx.seed); })
+          bank.backward(bctx, ctx.base.scratch, ConstMatrixView<T>(xg), ConstMatrixView<T>(dyg), dx.empty() ? MatrixView<T>{} : dxg, params, ctx.seed);
+      }, std::index_sequence_for<Kinds...>{});
+      if (!dx.empty())
+        for (Index i = 0; i < n; ++i)
+          backend_type::axpby(T(1), ConstMatrixView<T>(dxg.row_block(i, 1)), T(1), dx.row_block(m.perm[std::size_t(r0 + i)], 1));
+    }
   }
 
   /// Visits base parameters ("weight", "bias") and adapter parameters ("lora_A.<name>.weight", ...).
@@ -415,6 +597,20 @@ class Adapted {
     return entries_.begin() + (cit - entries_.cbegin());
   }
   bool is_merged(std::string_view name) const { return std::find(merged_.begin(), merged_.end(), name) != merged_.end(); }
+
+  /// forward_mixed runs additive adapters that need no running output: not DoRA, not scaling kinds.
+  void check_mixable(Context& ctx, const Entry& e) {
+    detail::for_each_index([&](auto k) {
+      if (k != e.kind) return;
+      auto& bank = std::get<k>(banks_);
+      auto& bctx = std::get<k>(ctx.banks);
+      if constexpr (!requires { bank.forward(bctx, ctx.base.scratch, ctx.mixed.one, ConstMatrixView<T>(), MatrixView<T>(), training_, ctx.seed, 0); }) {
+        throw AdapterError(detail::cat("Adapted.forward_mixed: adapter '", e.name, "' scales the layer; mixed batches support additive adapters (LoRA, LoHa, LoKr, ...)"));
+      } else if constexpr (requires { bank.at(e.slot).dora(); }) {
+        if (bank.at(e.slot).dora()) throw AdapterError(detail::cat("Adapted.forward_mixed: adapter '", e.name, "' uses DoRA, which mixed batches do not support"));
+      }
+    }, std::index_sequence_for<Kinds...>{});
+  }
 
   template <class F>
   void for_kind(std::size_t kind, F&& f) {

@@ -3,14 +3,19 @@
 //
 //   peft inspect ADAPTER_DIR
 //   peft merge --base BASE.safetensors --adapter ADAPTER_DIR [--adapter DIR2 ...] --out OUT.safetensors
+//   peft combine --adapter DIR:WEIGHT [--adapter DIR:WEIGHT ...] --method METHOD [--density D] [--rank R] [--exact] --out DIR
 //
 // `merge` is the C++ counterpart of PEFT's merge_and_unload on a saved model (and of llama.cpp's
 // export-lora): OUT holds every tensor of BASE, the weights the adapters target replaced by the merged
-// ones, in BASE's dtype. Exit codes: 0 success, 1 a file or value that cannot be used, CLI11's codes
+// ones, in BASE's dtype. `combine` is PEFT's add_weighted_adapter on saved LoRA adapters (see
+// peft/merge.hpp): it writes the combined adapter in PEFT's format and needs no base model. Exit codes: 0 success, 1 a file or value that cannot be used, CLI11's codes
 // (> 100) for a bad command line.
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -28,6 +33,7 @@
 #include <peft/io/adapter_config.hpp>
 #include <peft/io/pretrained.hpp>
 #include <peft/io/safetensors.hpp>
+#include <peft/merge.hpp>
 #include <peft/model.hpp>
 #include <peft/peft.hpp>
 
@@ -294,10 +300,247 @@ int merge(const fs::path& base, const std::vector<fs::path>& adapters, const fs:
   return 0;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// combine: PEFT's add_weighted_adapter on saved LoRA adapters
+
+/// One LoRA module of one adapter file, its factors flattened as peft++ holds them.
+struct LoraModule {
+  enum Kind { linear, conv, embedding } kind = linear;
+  peft::merging::Mat A, B;  ///< A [r, in] (conv: in = C·kh·kw), B [out, r]
+  std::vector<std::uint64_t> a_shape;  ///< the file's shape of A (conv kernel)
+  double scaling = 1;
+};
+
+struct LoraFile {
+  fs::path dir;
+  peft::io::AdapterConfig config;
+  std::map<std::string, LoraModule> modules;
+};
+
+peft::merging::Mat read_matrix(const st::File& f, const std::string& key, std::uint64_t rows) {
+  const auto& i = f.info(key);
+  if (!st::is_convertible(i.dtype)) throw peft::FormatError(cat(f.path(), ": tensor '", key, "' has dtype ", st::name(i.dtype), "; LoRA tensors must be F32, F16, BF16 or F64"));
+  if (rows == 0 || i.numel() % rows) throw peft::ShapeError(cat(f.path(), ": tensor '", key, "' has shape ", shape_str(i.shape)));
+  peft::merging::Mat m(peft::Index(rows), peft::Index(i.numel() / rows));
+  f.read_as<double>(key, std::span<double>(m.data(), std::size_t(m.size())));
+  return m;
+}
+
+LoraFile read_lora(const fs::path& dir) {
+  LoraFile lf;
+  lf.dir = dir;
+  const fs::path weights = weights_of(dir);
+  lf.config = peft::io::read_adapter_config(dir);
+  const auto* cfg = lf.config.get_if<peft::LoraConfig>();
+  if (!cfg) throw peft::FormatError(cat(dir.string(), ": a ", lf.config.peft_type(), " adapter; peft combine combines LoRA adapters only (PEFT's add_weighted_adapter)"));
+  if (cfg->use_dora) throw peft::FormatError(cat(dir.string(), ": a DoRA adapter (use_dora); DoRA adapters cannot be combined"));
+  if (cfg->lora_bias) throw peft::FormatError(cat(dir.string(), ": an adapter with lora_bias; it cannot be combined"));
+  st::File f(weights);
+  const std::string pre = peft::io::state_dict_prefix;
+  std::map<std::string, std::map<std::string, std::string>> keys;  // module -> tensor -> key
+  for (const auto& k : f.names()) {
+    const Split s = split_key(k);
+    if (s.module.empty() || s.tensor == "base_layer.bias")
+      throw peft::FormatError(cat(f.path(), ": tensor '", k, "' is not a LoRA factor (peft combine handles lora_A/lora_B/lora_embedding_A/lora_embedding_B)"));
+    keys[s.module][s.tensor] = k;
+  }
+  for (const auto& [mod, t] : keys) {
+    LoraModule m;
+    const peft::LoraConfig mc = cfg->for_module(mod);
+    std::string ka, kb;
+    if (t.count("lora_embedding_A")) {
+      m.kind = LoraModule::embedding;
+      ka = t.at("lora_embedding_A");
+      kb = t.count("lora_embedding_B") ? t.at("lora_embedding_B") : "";
+    } else if (t.count("lora_A.weight")) {
+      ka = t.at("lora_A.weight");
+      kb = t.count("lora_B.weight") ? t.at("lora_B.weight") : "";
+      m.kind = f.info(ka).shape.size() == 4 ? LoraModule::conv : LoraModule::linear;
+    }
+    if (ka.empty() || kb.empty() || t.size() != 2)
+      throw peft::FormatError(cat(f.path(), ": module '", mod, "' must hold exactly lora_A and lora_B (or lora_embedding_A and lora_embedding_B); it has ", t.size(), " tensor(s)"));
+    m.a_shape = f.info(ka).shape;
+    const auto& bs = f.info(kb).shape;
+    m.A = read_matrix(f, ka, m.a_shape.empty() ? 0 : m.a_shape[0]);
+    m.B = read_matrix(f, kb, bs.empty() ? 0 : bs[0]);
+    if (m.A.rows() != mc.r || m.B.cols() != mc.r)
+      throw peft::ShapeError(cat(f.path(), ": module '", mod, "': '", ka, "' has shape ", shape_str(m.a_shape), " and '", kb, "' ", shape_str(bs),
+                                 ", but the config gives r = ", mc.r, " for this module"));
+    m.scaling = peft::LoraConfig::scaling_for(mc.lora_alpha, mc.r, mc.use_rslora);
+    lf.modules.emplace(mod, std::move(m));
+  }
+  if (lf.modules.empty()) throw peft::FormatError(cat(f.path(), ": holds no LoRA tensors"));
+  return lf;
+}
+
+std::string regex_escape(const std::string& s) {
+  std::string o;
+  for (char c : s) {
+    if (std::strchr(".^$|()[]{}*+?\\", c)) o += '\\';
+    o += c;
+  }
+  return o;
+}
+
+struct CombineArgs {
+  std::vector<std::string> adapters;  // DIR:WEIGHT
+  std::string method = "svd";
+  std::optional<double> density, clamp;
+  std::optional<int> rank;
+  bool exact = false;
+  std::string majority_sign = "total";
+  std::uint64_t seed = 0;
+  std::string out;
+};
+
+int combine(const CombineArgs& a) {
+  using peft::merging::Mat;
+  peft::CombineOptions opt;
+  opt.type = peft::combination_from_string(a.method);
+  opt.density = a.density;
+  opt.svd_rank = a.rank;
+  opt.svd_clamp = a.clamp;
+  opt.exact = a.exact;
+  opt.seed = a.seed;
+  if (a.majority_sign == "total") opt.majority_sign_method = peft::MajoritySign::total;
+  else if (a.majority_sign == "frequency") opt.majority_sign_method = peft::MajoritySign::frequency;
+  else throw peft::ConfigError(cat("--majority-sign must be total or frequency, got '", a.majority_sign, "'"));
+  if (a.exact && (a.rank || a.clamp)) throw peft::ConfigError("--exact stores the combination without loss; it takes no --rank or --clamp");
+
+  std::vector<LoraFile> files;
+  std::vector<double> weights;
+  for (const auto& spec : a.adapters) {
+    const auto colon = spec.rfind(':');
+    std::string dir = spec;
+    double w = 1.0;
+    if (colon != std::string::npos) {
+      const std::string ws = spec.substr(colon + 1);
+      char* end = nullptr;
+      w = std::strtod(ws.c_str(), &end);
+      if (ws.empty() || *end != '\0' || !std::isfinite(w))
+        throw peft::ConfigError(cat("--adapter '", spec, "': the weight after the last ':' must be a finite number"));
+      dir = spec.substr(0, colon);
+    }
+    files.push_back(read_lora(dir));
+    weights.push_back(w);
+  }
+  // PEFT's ranks: each config's r, or the largest of r and its rank_pattern values
+  std::vector<int> ranks;
+  for (const auto& f : files) {
+    const auto* c = f.config.get_if<peft::LoraConfig>();
+    int r = c->r;
+    for (const auto& [k, v] : c->rank_pattern) r = std::max(r, v);
+    ranks.push_back(r);
+  }
+  auto [type, new_rank] = a.exact ? std::pair{files.size() == 1 ? peft::Combination::linear : opt.type, 0} : peft::merging::plan(opt.type, ranks, opt);
+  peft::merging::validate(type, opt);
+
+  // target_modules: PEFT's union of lists, or "(re1)|(re2)" of regexes
+  peft::io::AdapterConfig out = files[0].config;
+  bool all_regex = true, all_list = true;
+  for (const auto& f : files) {
+    all_regex = all_regex && f.config.target_modules.regex.has_value();
+    all_list = all_list && !f.config.target_modules.regex && f.config.target_modules.names;
+  }
+  if (all_regex) {
+    std::string re;
+    for (const auto& f : files) re += (re.empty() ? "(" : "|(") + *f.config.target_modules.regex + ")";
+    out.target_modules = peft::io::ModuleSelector::pattern(re);
+  } else if (all_list) {
+    std::set<std::string> u;
+    for (const auto& f : files) u.insert(f.config.target_modules.names->begin(), f.config.target_modules.names->end());
+    out.target_modules = peft::io::ModuleSelector::list(std::vector<std::string>(u.begin(), u.end()));
+  } else {
+    throw peft::FormatError("the adapters' target_modules mix lists and regex strings (or are null); PEFT cannot combine them either");
+  }
+
+  // every module any adapter holds, combined
+  std::set<std::string> modules;
+  for (const auto& f : files)
+    for (const auto& [m, _] : f.modules) modules.insert(m);
+  struct Result {
+    std::string module;
+    LoraModule::Kind kind;
+    std::vector<std::uint64_t> a_shape;
+    Mat A, B;
+  };
+  std::vector<Result> results;
+  std::uint64_t index = 0;
+  for (const auto& mod : modules) {
+    std::vector<peft::merging::Term> terms;
+    const LoraModule* first = nullptr;
+    for (std::size_t i = 0; i < files.size(); ++i) {
+      auto it = files[i].modules.find(mod);
+      if (it == files[i].modules.end()) continue;
+      const LoraModule& m = it->second;
+      if (first && (m.kind != first->kind || (m.kind == LoraModule::conv && !std::equal(m.a_shape.begin() + 1, m.a_shape.end(), first->a_shape.begin() + 1, first->a_shape.end()))))
+        throw peft::ShapeError(cat("module '", mod, "': ", files[i].dir.string(), " holds a ", shape_str(m.a_shape), " lora_A, ", "another adapter a ", shape_str(first->a_shape)));
+      if (!first) first = &m;
+      terms.push_back({m.A, m.B, m.scaling, weights[i]});
+    }
+    Result r{mod, first->kind, first->a_shape, {}, {}};
+    peft::merging::combine_terms(type, terms, new_rank, opt, ++index, cat("module '", mod, "'"), r.A, r.B);
+    results.push_back(std::move(r));
+  }
+
+  auto* lc = out.get_if<peft::LoraConfig>();
+  lc->rank_pattern.clear();
+  lc->alpha_pattern.clear();
+  if (a.exact) {
+    lc->use_rslora = false;
+    int rmax = 0;
+    for (const auto& r : results) rmax = std::max(rmax, int(r.A.rows()));
+    new_rank = rmax;
+    for (const auto& r : results)
+      if (r.A.rows() != rmax) {  // per-module ranks, as PEFT's rank_pattern / alpha_pattern (full-path regexes)
+        lc->rank_pattern.emplace_back(regex_escape(r.module), int(r.A.rows()));
+        lc->alpha_pattern.emplace_back(regex_escape(r.module), double(r.A.rows()));
+      }
+  }
+  lc->r = new_rank;
+  lc->lora_alpha = new_rank;
+
+  std::vector<std::vector<float>> store;
+  store.reserve(2 * results.size());
+  std::vector<st::TensorRef> refs;
+  const std::string pre = peft::io::state_dict_prefix;
+  for (const auto& r : results) {
+    const auto R = std::uint64_t(r.A.rows());
+    store.emplace_back(r.A.data(), r.A.data() + r.A.size());
+    const peft::ConstMatrixView<float> av(store.back().data(), r.A.rows(), r.A.cols());
+    store.emplace_back(r.B.data(), r.B.data() + r.B.size());
+    const peft::ConstMatrixView<float> bv(store.back().data(), r.B.rows(), r.B.cols());
+    const auto out_dim = std::uint64_t(r.B.rows()), in_dim = std::uint64_t(r.A.cols());
+    switch (r.kind) {
+      case LoraModule::embedding:
+        refs.emplace_back(pre + r.module + ".lora_embedding_A", av, std::vector<std::uint64_t>{R, in_dim});
+        refs.emplace_back(pre + r.module + ".lora_embedding_B", bv, std::vector<std::uint64_t>{out_dim, R});
+        break;
+      case LoraModule::conv: {
+        auto as = r.a_shape;
+        as[0] = R;
+        refs.emplace_back(pre + r.module + ".lora_A.weight", av, as);
+        refs.emplace_back(pre + r.module + ".lora_B.weight", bv, std::vector<std::uint64_t>{out_dim, R, 1, 1});
+        break;
+      }
+      default:
+        refs.emplace_back(pre + r.module + ".lora_A.weight", av, std::vector<std::uint64_t>{R, in_dim});
+        refs.emplace_back(pre + r.module + ".lora_B.weight", bv, std::vector<std::uint64_t>{out_dim, R});
+    }
+  }
+  fs::create_directories(a.out);
+  st::write(fs::path(a.out) / peft::io::adapter_weights_name, refs);
+  peft::io::write_adapter_config(fs::path(a.out) / peft::io::adapter_config_name, out);
+  std::cerr << "combined " << files.size() << " LoRA adapter(s) with " << peft::to_string(type) << (a.exact ? " (exact)" : "") << " into " << results.size()
+            << " module(s), r = " << new_rank << "\nwrote " << a.out << "\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"peft: inspect and merge Hugging Face PEFT adapter checkpoints (adapter_config.json + adapter_model.safetensors)"};
+  CLI::App app{"peft: inspect, merge and combine Hugging Face PEFT adapter checkpoints (adapter_config.json + adapter_model.safetensors)"};
   app.require_subcommand(1);
 
   std::string inspect_dir;
@@ -314,10 +557,30 @@ int main(int argc, char** argv) {
   mrg->add_option("--adapter", adapters, "Adapter directory (PEFT's save_pretrained layout); repeatable")->required();
   mrg->add_option("--out", out, "Output safetensors file (written atomically)")->required();
 
+  CombineArgs ca;
+  auto* cmb = app.add_subcommand("combine",
+                                 "Combine LoRA adapters into a new one, as PEFT's add_weighted_adapter, and write it in PEFT's format "
+                                 "(OUT/adapter_config.json, OUT/adapter_model.safetensors). No base model is needed.");
+  cmb->add_option("--adapter", ca.adapters, "DIR:WEIGHT, a LoRA adapter directory and its weight (may be negative; default 1); repeatable")->required();
+  cmb->add_option("--method", ca.method,
+                  "Combination type: linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, "
+                  "magnitude_prune, magnitude_prune_svd (PEFT's names)")
+      ->required();
+  cmb->add_option("--density", ca.density, "Fraction of entries kept by the ties, dare and magnitude_prune types");
+  cmb->add_option("--rank", ca.rank, "Rank of the *_svd results (default: the largest adapter rank)");
+  cmb->add_option("--clamp", ca.clamp, "PEFT's svd_clamp: a quantile for clamping the SVD factors");
+  cmb->add_option("--majority-sign", ca.majority_sign, "Sign election of the ties types: total (default) or frequency");
+  cmb->add_option("--seed", ca.seed, "Seed of the dare types' random masks (peft++'s generator; not torch's)");
+  cmb->add_flag("--exact", ca.exact,
+                "Apply the method to the delta weights and store the result without loss (an SVD factorisation of rank "
+                "min(out, in, sum of ranks), or min(out, in) for the pruning types)");
+  cmb->add_option("--out", ca.out, "Output adapter directory (created; files written atomically)")->required();
+
   CLI11_PARSE(app, argc, argv);
   peft::io::set_warning_sink([](const std::string& m) { std::cerr << "peft: warning: " << m << "\n"; });
   try {
     if (*ins) return inspect(inspect_dir);
+    if (*cmb) return combine(ca);
     std::vector<fs::path> dirs(adapters.begin(), adapters.end());
     return merge(base, dirs, out);
   } catch (const std::exception& e) {
