@@ -11,51 +11,7 @@
 #include "gradcheck.hpp"
 #include "test_util.hpp"
 
-namespace {
-std::atomic<long> g_allocs{0};
-std::atomic<bool> g_count{false};
-}  // namespace
-
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"  // operator new is malloc-based here
-void* operator new(std::size_t n) {
-  if (g_count.load(std::memory_order_relaxed)) ++g_allocs;
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t n) { return operator new(n); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-#if defined(__GLIBC__)
-extern "C" {
-void* __libc_malloc(std::size_t);
-void* __libc_calloc(std::size_t, std::size_t);
-void* __libc_realloc(void*, std::size_t);
-void* __libc_memalign(std::size_t, std::size_t);
-void* malloc(std::size_t n) {
-  if (g_count.load(std::memory_order_relaxed)) ++g_allocs;
-  return __libc_malloc(n);
-}
-void* calloc(std::size_t a, std::size_t b) {
-  if (g_count.load(std::memory_order_relaxed)) ++g_allocs;
-  return __libc_calloc(a, b);
-}
-void* realloc(void* p, std::size_t n) {
-  if (g_count.load(std::memory_order_relaxed)) ++g_allocs;
-  return __libc_realloc(p, n);
-}
-void* aligned_alloc(std::size_t al, std::size_t n) {
-  if (g_count.load(std::memory_order_relaxed)) ++g_allocs;
-  return __libc_memalign(al, n);
-}
-int posix_memalign(void** out, std::size_t al, std::size_t n) {
-  if (g_count.load(std::memory_order_relaxed)) ++g_allocs;
-  *out = __libc_memalign(al, n);
-  return *out ? 0 : 12;
-}
-}
-#endif
+#include "alloc_count.hpp"
 
 using namespace peft;
 using namespace peft::test;
@@ -331,15 +287,20 @@ TEST_CASE("mixed batches: bad input", "[mixed]") {
 }
 
 TEST_CASE("forward_mixed / backward_mixed allocate nothing after make_context", "[mixed][alloc]") {
+  if (!alloc_counting) {
+    WARN("allocation counting is off in sanitizer builds");
+    return;
+  }
   {  // the counter sees allocations
-    g_allocs = 0;
-    g_count = true;
-    auto* v = new std::vector<int>(100);
-    void* m = std::malloc(64);
-    g_count = false;
+    std::vector<int>* v = nullptr;
+    void* m = nullptr;
+    const auto c = count_allocations([&] {
+      v = new std::vector<int>(100);
+      m = std::malloc(64);
+    });
     delete v;
     std::free(m);
-    CHECK(g_allocs.load() >= 3);
+    CHECK(c.total() >= 3);
   }
   for (Index width : {64, 512}) {
     auto l = make_layer<float>(width, width, 0.1);
@@ -354,15 +315,14 @@ TEST_CASE("forward_mixed / backward_mixed allocate nothing after make_context", 
     auto ctx = l.make_context(n, mixed_batches);
     l.forward_mixed(ctx, x, y, idx);  // warm-up (nothing is lazily allocated, but be fair to the libraries)
     l.backward_mixed(ctx, dy, dx);
-    g_allocs = 0;
-    g_count = true;
-    for (int rep = 0; rep < 3; ++rep) {
-      l.forward_mixed(ctx, x, y, idx);
-      l.backward_mixed(ctx, dy, dx, GradMode::overwrite);
-      l.forward_mixed(ctx, x.topRows(n / 2), y.topRows(n / 2), std::span<const int>(idx.data(), std::size_t(n / 2)));
-    }
-    g_count = false;
+    const auto c = count_allocations([&] {
+      for (int rep = 0; rep < 3; ++rep) {
+        l.forward_mixed(ctx, x, y, idx);
+        l.backward_mixed(ctx, dy, dx, GradMode::overwrite);
+        l.forward_mixed(ctx, x.topRows(n / 2), y.topRows(n / 2), std::span<const int>(idx.data(), std::size_t(n / 2)));
+      }
+    });
     INFO("width " << width);
-    CHECK(g_allocs.load() == 0);
+    CHECK(c.total() == 0);
   }
 }
