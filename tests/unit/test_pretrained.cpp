@@ -28,6 +28,14 @@ namespace {
 
 const std::string golden = PEFT_CHECKPOINT_DIR;
 
+/// Where the golden cases (lora, dora, ...) are read from: PEFT_GOLDEN_CHECKPOINT_DIR when set (the optional
+/// `python` ctests regenerate them with gen_checkpoints.py into the build tree and point it there), else
+/// the committed tests/reference/checkpoints.
+std::string golden_cases() {
+  const char* env = std::getenv("PEFT_GOLDEN_CHECKPOINT_DIR");
+  return env && *env ? std::string(env) : golden;
+}
+
 /// A scratch directory removed at the end of the test.
 struct TempDir {
   fs::path path;
@@ -243,6 +251,8 @@ TEST_CASE("adapter_config: every field read", "[pretrained][config]") {
   CHECK(c.targets("model.layers.1.self_attn.q_proj"));
   CHECK(c.targets("model.layers.3.self_attn.v_proj"));
   CHECK(!c.targets("model.layers.2.self_attn.q_proj"));  // layers_to_transform
+  CHECK(c.targets("model.layers.003.self_attn.q_proj"));  // int("003") == 3, as in PEFT
+  CHECK(!c.targets("model.layers.99999999999999999999999.self_attn.q_proj"));  // no integer overflow (fuzzer)
   CHECK(!c.targets("model.layers.1.self_attn.xq_proj"));  // suffix must follow a dot
   CHECK(!c.targets("model.layers.0.self_attn.q_proj"));   // excluded
   CHECK(!c.targets("model.classifier.q_proj"));           // under modules_to_save
@@ -330,6 +340,9 @@ TEST_CASE("adapter_config: bad files are rejected naming the file and key", "[pr
   bad(R"({"peft_type": "LOHA", "rank_dropout": -0.1})", {"rank_dropout must be in [0, 1)"});
   bad(R"({"peft_type": "IA3", "target_modules": ["a"], "feedforward_modules": ["b"]})", {"key 'feedforward_modules'", "not in target_modules"});
   bad(R"({"peft_type": "IA3", "init_ia3_weights": null, "fan_in_fan_out": "no"})", {"key 'fan_in_fan_out'"});
+  // found by fuzz_adapter_config: both are regex fragments in PEFT, compiled only when modules are matched
+  bad(R"({"peft_type": "LORA", "modules_to_save": ["clas(ifier"]})", {"key 'modules_to_save'", "invalid regular expression"});
+  bad(R"({"peft_type": "LORA", "layers_to_transform": [1], "layers_pattern": "lay(ers"})", {"key 'layers_pattern'", "invalid regular expression"});
   // from disk: the path is in the message
   TempDir d;
   write_text(d.path / "adapter_config.json", "{\"peft_type\": \"LORA\", \"r\": []}");
@@ -448,10 +461,12 @@ TEST_CASE("pretrained: checkpoint keys follow PEFT's name-removal rule", "[pretr
 
 TEST_CASE("pretrained: golden checkpoints from PEFT load, run, merge and save as PEFT's", "[pretrained][reference]") {
   const double tol = reference_tol<float>();
+  const std::string root = golden_cases();
+  CAPTURE(root);
   for (const char* cs : cases) {
     CAPTURE(cs);
     CaptureWarnings w;
-    const std::string dir = golden + "/" + cs;
+    const std::string dir = root + "/" + cs;
     const json ref = nlohmann::json::parse(read_text(dir + "/reference.json"));
     const auto ids = ref.at("ids").get<std::vector<std::int64_t>>();
     const Mat<float> img = ref_tensor<float>(ref, "img", 2);
@@ -810,8 +825,9 @@ TEST_CASE("pretrained: hostile checkpoints are rejected precisely and leave the 
   }
 }
 
-// By hand (hidden tag): C++ → PEFT. For every golden case, loads PEFT's adapter, changes every adapter tensor
-// with C++ random numbers, saves it with save_pretrained and records the C++ outputs; then
+// C++ → PEFT (hidden tag; run by the optional `python` ctests, or by hand). For every golden case, loads PEFT's
+// adapter, changes every adapter tensor with C++ random numbers, trains it for three gradient steps in C++, saves
+// it with save_pretrained and records the C++ outputs and merged weights; then
 //   /work/venv/bin/python tests/reference/check_cpp_checkpoints.py $PEFT_PRETRAINED_EXPORT_DIR
 // loads each with PeftModel.from_pretrained and compares PEFT's outputs and merged weights with C++'s.
 TEST_CASE("pretrained: export C++-written adapters for PEFT", "[.export]") {
@@ -833,7 +849,44 @@ TEST_CASE("pretrained: export C++-written adapters for PEFT", "[.export]") {
         g.normal(noise.data(), noise.size(), 0.0, 0.2);
         for (std::size_t i = 0; i < p.size; ++i) p.value[i] += noise[i];
       }
-    eval(n);
+    eval(n);  // dropout off: the trained adapter is then a deterministic function of the steps below
+    // then train it in C++: three normalised gradient steps on the loss <gm, y_mlp> + <gc, y_conv> (fixed random gm, gc),
+    // gradients from peft++'s backward passes through lin1, relu, lin0, emb and conv
+    {
+      const Index b = Index(ids.size());
+      Mat<float> gm(b, 4), gc(img.rows(), 3 * 16);
+      g.normal(gm.data(), std::size_t(gm.size()), 0.0, 1.0);
+      g.normal(gc.data(), std::size_t(gc.size()), 0.0, 1.0);
+      std::size_t moved = 0;
+      for (int step = 0; step < 3; ++step) {
+        Mat<float> e(b, 6), h(b, 5), hr(b, 5), y(b, 4), yc(img.rows(), 3 * 16), dh(b, 5), de(b, 6), dimg(img.rows(), img.cols());
+        auto ce = n.emb.make_context(b);
+        n.emb.forward(ce, TokenIds(ids), e);
+        auto c0 = n.lin0.make_context(b);
+        n.lin0.forward(c0, e, h);
+        hr = h.cwiseMax(0.0f);
+        auto c1 = n.lin1.make_context(b);
+        n.lin1.forward(c1, hr, y);
+        auto cc = n.conv.make_context(img.rows());
+        n.conv.forward(cc, img, yc);
+        n.lin1.backward(c1, gm, dh, GradMode::overwrite);
+        dh = (h.array() > 0.0f).select(dh, 0.0f);
+        n.lin0.backward(c0, dh, de, GradMode::overwrite);
+        n.emb.backward(ce, de, MatrixView<float>{}, GradMode::overwrite);
+        n.conv.backward(cc, gc, dimg, GradMode::overwrite);
+        // normalised step per tensor (largest change 0.02), so that no case diverges whatever its gradient scale
+        for (auto& p : parameters<float>(n))
+          if (p.name.find(".cpp") != std::string::npos && p.trainable && p.grad) {
+            float gmax = 0.0f;
+            for (std::size_t i = 0; i < p.size; ++i) gmax = std::max(gmax, std::fabs(p.grad[i]));
+            if (gmax == 0.0f || !std::isfinite(gmax)) continue;
+            for (std::size_t i = 0; i < p.size; ++i) p.value[i] -= 0.02f * p.grad[i] / gmax;
+            ++moved;
+          }
+      }
+      CHECK(moved > 0);  // the steps changed the adapter
+      CHECK(std::isfinite(run(n, ids, img).mlp.sum()));
+    }
     auto o = run(n, ids, img);
     const fs::path d = fs::path(out) / cs;
     fs::create_directories(d);

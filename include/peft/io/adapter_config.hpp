@@ -524,9 +524,11 @@ struct AdapterConfig {
         if ((found = std::regex_search(p, m, std::regex("^(?:|.*?\\.)" + pat + "\\.(\\d+)\\.")))) break;
     }
     if (!found) return false;
-    const long idx = std::stol(m[1].str());
+    // compare as digit strings: a path's index may be longer than any integer type (no std::stol here)
+    std::string digits = m[1].str();
+    digits.erase(0, std::min(digits.find_first_not_of('0'), digits.size() - 1));
     for (int i : *layers_to_transform)
-      if (i == idx) return true;
+      if (i >= 0 && std::to_string(i) == digits) return true;
     return false;
   }
 };
@@ -596,6 +598,8 @@ inline AdapterConfig parse_adapter_config(std::string_view text, const std::stri
   r.get("target_modules", c.target_modules);
   r.get("exclude_modules", c.exclude_modules);
   r.get("modules_to_save", c.modules_to_save);
+  if (c.modules_to_save)  // PEFT matches each entry as a regex fragment (re.match(rf"(^|.*\.){m}($|\..*)", path))
+    for (const auto& m : *c.modules_to_save) r.check_regex("modules_to_save", "^(|.*\\.)" + m + "($|\\..*)");
   if (const json* v = r.find("layers_to_transform"); v && !v->is_null()) {
     if (v->is_number_integer() || v->is_number_unsigned()) {
       c.layers_to_transform = std::vector<int>{r.to_int("layers_to_transform", *v)};
@@ -610,6 +614,8 @@ inline AdapterConfig parse_adapter_config(std::string_view text, const std::stri
   if (const json* v = r.find("layers_pattern"); v && !v->is_null()) {
     if (v->is_string()) c.layers_pattern = std::vector<std::string>{v->get<std::string>()};
     else c.layers_pattern = r.string_list("layers_pattern", *v, "a string, a list of strings or null");
+    for (const auto& pat : *c.layers_pattern)  // PEFT: re.match(rf"^(?:|.*\.){pattern}\.(\d+)\.", path)
+      r.check_regex("layers_pattern", "^(?:|.*?\\.)" + pat + "\\.(\\d+)\\.");
   }
   if (std::holds_alternative<LoraConfig>(c.method)) {
     std::string b = "none";
