@@ -366,13 +366,15 @@ void kron(float alpha, const RowMat& a, const RowMat& b, RowMat& c) {
     for (Index j = 0; j < a.cols(); ++j) c.block(i * b.rows(), j * b.cols(), b.rows(), b.cols()) = (alpha * a(i, j)) * b;
 }
 
-struct HandLokr : HandLinearDelta {
+/// LoKr's factors as PEFT forms them (w1 full or w1_a·w1_b; w2 full or w2_a·w2_b), ΔW = s·kron(w1, w2), and
+/// the gradients from G = ∂L/∂ΔW; shared by the Linear and Conv hand-written versions.
+struct LokrFactors {
   RowMat w1, w2, w2a, w2b, d1, d2;
   bool w2_lowrank = false;
-  float s;
-  template <class P>
-  explicit HandLokr(P& p) : HandLinearDelta(p) {
-    auto& a = p.layer->template adapter<peft::Lokr>("a");
+  float s = 1;
+  template <class Layer>
+  explicit LokrFactors(Layer& layer) {
+    auto& a = layer.template adapter<peft::Lokr>("a");
     w1 = a.lokr_w1().empty() ? RowMat(cmap(a.lokr_w1_a()) * cmap(a.lokr_w1_b())) : RowMat(cmap(a.lokr_w1()));
     w2_lowrank = a.lokr_w2().empty();
     if (w2_lowrank) {
@@ -386,14 +388,11 @@ struct HandLokr : HandLinearDelta {
     d1.resize(w1.rows(), w1.cols());
     d2.resize(w2.rows(), w2.cols());
   }
-  void fwd() {
-    base_fwd();
+  void delta(RowMat& out) {
     if (w2_lowrank) w2.noalias() = w2a * w2b;
-    kron(s, w1, w2, delta);
-    apply();
+    kron(s, w1, w2, out);
   }
-  void bwd() {
-    input_and_delta_grad();
+  void grads(const RowMat& G) {
     const Index br = w2.rows(), bc = w2.cols();
     for (Index i = 0; i < w1.rows(); ++i)
       for (Index j = 0; j < w1.cols(); ++j) d1(i, j) = s * G.block(i * br, j * bc, br, bc).cwiseProduct(w2).sum();
@@ -405,6 +404,20 @@ struct HandLokr : HandLinearDelta {
       benchmark::DoNotOptimize(da.data());
       benchmark::DoNotOptimize(db.data());
     }
+  }
+};
+
+struct HandLokr : HandLinearDelta {
+  LokrFactors f;
+  explicit HandLokr(PeftProblem<peft::Linear<float>>& p) : HandLinearDelta(p), f(*p.layer) {}
+  void fwd() {
+    base_fwd();
+    f.delta(delta);
+    apply();
+  }
+  void bwd() {
+    input_and_delta_grad();
+    f.grads(G);
   }
 };
 
@@ -598,43 +611,16 @@ struct HandConvLoha : HandConvDelta {
 };
 
 struct HandConvLokr : HandConvDelta {
-  RowMat w1, w2, w2a, w2b, d1, d2;
-  bool w2_lowrank = false;
-  float s;
-  explicit HandConvLokr(PeftProblem<peft::Conv2d<float>>& p) : HandConvDelta(p) {
-    auto& a = p.layer->template adapter<peft::Lokr>("a");
-    w1 = a.lokr_w1().empty() ? RowMat(cmap(a.lokr_w1_a()) * cmap(a.lokr_w1_b())) : RowMat(cmap(a.lokr_w1()));
-    w2_lowrank = a.lokr_w2().empty();
-    if (w2_lowrank) {
-      w2a = cmap(a.lokr_w2_a());
-      w2b = cmap(a.lokr_w2_b());
-      w2.resize(w2a.rows(), w2b.cols());
-    } else {
-      w2 = cmap(a.lokr_w2());
-    }
-    s = a.scaling;
-    d1.resize(w1.rows(), w1.cols());
-    d2.resize(w2.rows(), w2.cols());
-  }
+  LokrFactors f;
+  explicit HandConvLokr(PeftProblem<peft::Conv2d<float>>& p) : HandConvDelta(p), f(*p.layer) {}
   void fwd() {
     base_fwd();
-    if (w2_lowrank) w2.noalias() = w2a * w2b;
-    kron(s, w1, w2, delta);
+    f.delta(delta);
     apply();
   }
   void bwd() {
     grads();
-    const Index br = w2.rows(), bc = w2.cols();
-    for (Index i = 0; i < w1.rows(); ++i)
-      for (Index j = 0; j < w1.cols(); ++j) d1(i, j) = s * G.block(i * br, j * bc, br, bc).cwiseProduct(w2).sum();
-    d2.setZero();
-    for (Index i = 0; i < w1.rows(); ++i)
-      for (Index j = 0; j < w1.cols(); ++j) d2 += (s * w1(i, j)) * G.block(i * br, j * bc, br, bc);
-    if (w2_lowrank) {
-      RowMat da = d2 * w2b.transpose(), db = w2a.transpose() * d2;
-      benchmark::DoNotOptimize(da.data());
-      benchmark::DoNotOptimize(db.data());
-    }
+    f.grads(G);
   }
 };
 
