@@ -1,9 +1,12 @@
 // peft++ — every weight adapter against the same math written by hand, and against the frozen base layer
 // alone, on a Linear layer and on a Conv2d layer of the size of a diffusion UNet block.
 //
-//   BM_<Layer>_<Kind>_Peft_<Pass>   Adapted<Base, Kind>::forward (+ backward)
-//   BM_<Layer>_<Kind>_Hand_<Pass>   the same math by hand with Eigen (below), buffers preallocated
-//   BM_<Layer>_Base_Peft_<Pass>     the frozen base layer alone through peft++
+//   BM_<Layer>_<Kind>_<Pass>   three legs timed in every iteration, in rotating order:
+//       peft      Adapted<Base, Kind>::forward (+ backward)
+//       hand      the same math by hand with Eigen (below), buffers preallocated
+//       base      the frozen base layer alone through peft++
+//   counters: peft_ms, hand_ms, base_ms (medians over the iterations), peft_over_hand and peft_over_base
+//   (medians of the per-iteration ratios), max_rel_diff (see below)
 //   Layer: Linear (M = 512 tokens, D = 1024 in = out) or Conv (N = 1, 320 → 320 channels, 64×64, 3×3, pad 1)
 //   Kind:  lora, dora, loha, lokr, ia3, vera, adalora (Linear); lora, dora, loha, lokr, ia3 (Conv)
 //   Pass:  Fwd (forward) or FwdBwd (forward + backward: dx and the adapter's parameter gradients; the base is
@@ -13,19 +16,20 @@
 // The hand-written code is what a careful user writes for PEFT's formulas with Eigen: row-major maps,
 // .noalias() products, buffers made once, the im2col columns of an image computed once per pass and reused
 // by the base and the adapter. It computes exactly what PEFT computes (LoHa and LoKr materialise ΔW and run
-// it as a second product, as PEFT does). Counter `max_rel_diff` (Hand benchmarks): the largest |peft − hand|
-// over the forward output relative to its largest |value|, so a wrong hand-written version shows.
+// it as a second product, as PEFT does). Counter `max_rel_diff`: the largest |peft − hand| over the forward
+// output relative to its largest |value|, so a wrong hand-written version shows.
 //
-// Ratios (peft / hand, adapter / base) are computed from the JSON output by bench/bench_table.py
-// (`--pairs`); docs/benchmarks.md has the command and the measured numbers.
+// bench/bench_adapters_table.py turns the JSON output into the table of docs/benchmarks.md (medians over
+// the repetitions of each counter).
 //
 // Run single-threaded:
 //   OPENBLAS_NUM_THREADS=1 bench_adapters --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
-//       --benchmark_enable_random_interleaving=true --benchmark_out=adapters.json --benchmark_out_format=json
+//       --benchmark_out=adapters.json --benchmark_out_format=json
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <map>
@@ -229,18 +233,6 @@ PeftProblem<Base>& peft_problem(Kind kind) {
   p.ctx = l.make_context(rows);
   l.forward(p.ctx, p.x, p.y);  // warm-up
   return p;
-}
-
-template <class Base>
-void BM_Peft(benchmark::State& state, Kind kind, bool backward) {
-  auto& p = peft_problem<Base>(kind);
-  auto& l = *p.layer;
-  for (auto _ : state) {
-    l.forward(p.ctx, p.x, p.y);
-    if (backward) l.backward(p.ctx, p.dy, p.dx, peft::GradMode::overwrite);
-    benchmark::DoNotOptimize(p.y.data());
-    benchmark::ClobberMemory();
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -645,9 +637,14 @@ struct HandConvIa3 : HandConv {
   }
 };
 
+/// The three legs of one case, timed in the same iteration: peft++ with the adapter, the hand-written code,
+/// and peft++'s frozen base layer alone. The order of the legs rotates from one iteration to the next, and
+/// the ratios are taken per iteration and summarised by their median, so that the slow drifts of a shared
+/// machine (frequency, neighbours) cancel out of the ratios instead of landing on one side.
 template <class Base, class H>
-void BM_Hand(benchmark::State& state, Kind kind, bool backward) {
+void BM_Case(benchmark::State& state, Kind kind, bool backward) {
   auto& p = peft_problem<Base>(kind);
+  auto& b = peft_problem<Base>(Kind::base);
   static std::map<Kind, std::unique_ptr<H>> cache;
   auto& hp = cache[kind];
   if (!hp) {
@@ -657,54 +654,85 @@ void BM_Hand(benchmark::State& state, Kind kind, bool backward) {
   auto& h = *hp;
   h.fwd();
   p.layer->forward(p.ctx, p.x, p.y);
-  state.counters["max_rel_diff"] = rel_diff(Map(h.y.data(), p.y.rows(), p.y.cols()), p.y);
-  for (auto _ : state) {
+  const double diff = rel_diff(Map(h.y.data(), p.y.rows(), p.y.cols()), p.y);
+  auto run_peft = [&](PeftProblem<Base>& q) {
+    q.layer->forward(q.ctx, q.x, q.y);
+    if (backward) q.layer->backward(q.ctx, q.dy, q.dx, peft::GradMode::overwrite);
+    benchmark::DoNotOptimize(q.y.data());
+    benchmark::ClobberMemory();
+  };
+  auto run_hand = [&] {
     h.fwd();
     if (backward) h.bwd();
     benchmark::DoNotOptimize(h.y.data());
     benchmark::ClobberMemory();
+  };
+  using clock = std::chrono::steady_clock;
+  std::vector<double> tp, th, tb;
+  std::size_t it = 0;
+  for (auto _ : state) {
+    double t[3];
+    for (int k = 0; k < 3; ++k) {
+      const int leg = int((it + std::size_t(k)) % 3);
+      const auto t0 = clock::now();
+      if (leg == 0) run_peft(p);
+      else if (leg == 1) run_hand();
+      else run_peft(b);
+      t[leg] = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
+    }
+    tp.push_back(t[0]);
+    th.push_back(t[1]);
+    tb.push_back(t[2]);
+    ++it;
   }
+  auto median = [](std::vector<double> v) {
+    if (v.empty()) return 0.0;
+    std::nth_element(v.begin(), v.begin() + std::ptrdiff_t(v.size() / 2), v.end());
+    return v[v.size() / 2];
+  };
+  std::vector<double> rh(tp.size()), rb(tp.size());
+  for (std::size_t i = 0; i < tp.size(); ++i) {
+    rh[i] = tp[i] / th[i];
+    rb[i] = tp[i] / tb[i];
+  }
+  state.counters["peft_ms"] = median(tp);
+  state.counters["hand_ms"] = median(th);
+  state.counters["base_ms"] = median(tb);
+  state.counters["peft_over_hand"] = median(rh);
+  state.counters["peft_over_base"] = median(rb);
+  state.counters["max_rel_diff"] = diff;
 }
 
 double min_of(const std::vector<double>& v) { return v.empty() ? 0.0 : *std::min_element(v.begin(), v.end()); }
-
-template <class F, class... A>
-void add(const std::string& name, F f, A... args) {
-  benchmark::RegisterBenchmark(name.c_str(), f, args...)->Unit(benchmark::kMillisecond)->ComputeStatistics("min", min_of);
-}
+double max_of(const std::vector<double>& v) { return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()); }
 
 template <class Base, class H>
-void add_pair(const char* layer, Kind kind) {
+void add_case(const char* layer, Kind kind) {
   for (bool bwd : {false, true}) {
-    const std::string pass = bwd ? "FwdBwd" : "Fwd";
-    const std::string stem = std::string("BM_") + layer + "_" + kind_name(kind);
-    add(stem + "_Peft_" + pass, BM_Peft<Base>, kind, bwd);
-    add(stem + "_Hand_" + pass, BM_Hand<Base, H>, kind, bwd);
+    const std::string name = std::string("BM_") + layer + "_" + kind_name(kind) + "_" + (bwd ? "FwdBwd" : "Fwd");
+    benchmark::RegisterBenchmark(name.c_str(), BM_Case<Base, H>, kind, bwd)
+        ->Unit(benchmark::kMillisecond)
+        ->ComputeStatistics("min", min_of)
+        ->ComputeStatistics("max", max_of)
+        ->MinTime(1.0);
   }
-}
-
-template <class Base>
-void add_base(const char* layer) {
-  for (bool bwd : {false, true}) add(std::string("BM_") + layer + "_Base_Peft_" + (bwd ? "FwdBwd" : "Fwd"), BM_Peft<Base>, Kind::base, bwd);
 }
 
 const bool registered = [] {
   using L = peft::Linear<float>;
   using C = peft::Conv2d<float>;
-  add_base<L>("Linear");
-  add_pair<L, HandLinearLora>("Linear", Kind::lora);
-  add_pair<L, HandLinearDora>("Linear", Kind::dora);
-  add_pair<L, HandLinearLoha>("Linear", Kind::loha);
-  add_pair<L, HandLokr>("Linear", Kind::lokr);
-  add_pair<L, HandLinearIa3>("Linear", Kind::ia3);
-  add_pair<L, HandLinearDiag>("Linear", Kind::vera);
-  add_pair<L, HandLinearDiag>("Linear", Kind::adalora);
-  add_base<C>("Conv");
-  add_pair<C, HandConvLora>("Conv", Kind::lora);
-  add_pair<C, HandConvDora>("Conv", Kind::dora);
-  add_pair<C, HandConvLoha>("Conv", Kind::loha);
-  add_pair<C, HandConvLokr>("Conv", Kind::lokr);
-  add_pair<C, HandConvIa3>("Conv", Kind::ia3);
+  add_case<L, HandLinearLora>("Linear", Kind::lora);
+  add_case<L, HandLinearDora>("Linear", Kind::dora);
+  add_case<L, HandLinearLoha>("Linear", Kind::loha);
+  add_case<L, HandLokr>("Linear", Kind::lokr);
+  add_case<L, HandLinearIa3>("Linear", Kind::ia3);
+  add_case<L, HandLinearDiag>("Linear", Kind::vera);
+  add_case<L, HandLinearDiag>("Linear", Kind::adalora);
+  add_case<C, HandConvLora>("Conv", Kind::lora);
+  add_case<C, HandConvDora>("Conv", Kind::dora);
+  add_case<C, HandConvLoha>("Conv", Kind::loha);
+  add_case<C, HandConvLokr>("Conv", Kind::lokr);
+  add_case<C, HandConvIa3>("Conv", Kind::ia3);
   return true;
 }();
 

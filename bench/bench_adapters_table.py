@@ -2,9 +2,11 @@
 """Summarise bench_adapters JSON (Google Benchmark, run with --benchmark_repetitions=N and
 --benchmark_report_aggregates_only=true).
 
-usage: bench_adapters_table.py FILE.json [--metric cpu|real] [--stat median|min]
-Prints one Markdown row per (layer, adapter, pass): peft++ and hand-written times, peft/hand, and the
-adapter's cost over the base layer alone (peft adapter / peft base), all from the same run.
+usage: bench_adapters_table.py FILE.json [--stat median|min|mean]
+Prints one Markdown row per (layer, adapter, pass) from the counters of the same benchmark, whose three
+legs (peft++ with the adapter, hand-written, peft++'s base layer alone) run in the same iterations:
+times in ms and the per-iteration ratios peft/hand and peft/base, each summarised over the repetitions by
+--stat (default: median); the spread column gives the smallest and largest peft/hand over the repetitions.
 """
 import argparse
 import json
@@ -12,35 +14,32 @@ import re
 
 ap = argparse.ArgumentParser()
 ap.add_argument("file")
-ap.add_argument("--metric", choices=["cpu", "real"], default="cpu")
 ap.add_argument("--stat", default="median")
 a = ap.parse_args()
 
-key = "cpu_time" if a.metric == "cpu" else "real_time"
-scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}  # -> milliseconds
-t, cv = {}, {}
-for b in json.load(open(a.file))["benchmarks"]:
-    if b.get("run_type") != "aggregate":
-        continue
-    if b["aggregate_name"] == a.stat:
-        t[b["run_name"]] = b[key] * scale[b["time_unit"]]
-    if b["aggregate_name"] == "cv":
-        cv[b["run_name"]] = b[key]
+data = json.load(open(a.file))
+agg, reps = {}, {}
+for b in data["benchmarks"]:
+    name = b.get("run_name", b["name"])
+    if b.get("run_type") == "aggregate":
+        agg.setdefault(name, {})[b["aggregate_name"]] = b
+    else:
+        reps.setdefault(name, []).append(b)
 
-rows = []
-for name in t:
-    m = re.match(r"BM_(\w+?)_(\w+?)_Peft_(Fwd|FwdBwd)$", name)
-    if not m or m.group(2) == "Base":
+print(f"| layer | adapter | pass | peft++ (ms) | hand (ms) | base (ms) | peft / hand | peft / base | peft / hand range | reps |")
+print("|---|---|---|---:|---:|---:|---:|---:|---|---:|")
+worst = 0.0
+for name, by_stat in agg.items():
+    m = re.match(r"BM_(\w+?)_(\w+?)_(Fwd|FwdBwd)(/|$)", name)
+    if not m or a.stat not in by_stat:
         continue
-    layer, kind, pas = m.groups()
-    hand = t.get(f"BM_{layer}_{kind}_Hand_{pas}")
-    base = t.get(f"BM_{layer}_Base_Peft_{pas}")
-    rows.append((layer, kind, pas, t[name], hand, base, cv.get(name, 0.0), cv.get(f"BM_{layer}_{kind}_Hand_{pas}", 0.0)))
-
-print(f"| layer | adapter | pass | peft++ ({a.stat}, ms) | hand ({a.stat}, ms) | peft / hand | adapter / base | cv peft, hand |")
-print("|---|---|---|---|---|---|---|---|")
-for layer, kind, pas, p, h, b, cp, ch in rows:
-    ratio = f"{p / h:.3f}" if h else "—"
-    over = f"{p / b:.3f}" if b else "—"
-    hs = f"{h:.2f}" if h else "—"
-    print(f"| {layer} | {kind} | {pas} | {p:.2f} | {hs} | {ratio} | {over} | {cp:.1%}, {ch:.1%} |")
+    layer, kind, pas = m.groups()[:3]
+    s = by_stat[a.stat]
+    lo = by_stat.get("min", {}).get("peft_over_hand")
+    hi = by_stat.get("max", {}).get("peft_over_hand")
+    n = by_stat[a.stat].get("repetitions", len(reps.get(name, [])))
+    rng = f"{lo:.3f}–{hi:.3f}" if lo is not None and hi is not None else (f"≥ {lo:.3f}" if lo is not None else "—")
+    worst = max(worst, s["peft_over_hand"])
+    print(f"| {layer} | {kind} | {pas} | {s['peft_ms']:.2f} | {s['hand_ms']:.2f} | {s['base_ms']:.2f} | "
+          f"{s['peft_over_hand']:.3f} | {s['peft_over_base']:.3f} | {rng} | {n} |")
+print(f"\nlargest {a.stat} peft / hand: {worst:.3f}")
