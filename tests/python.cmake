@@ -16,6 +16,8 @@
 #                                                environment's PEFT into the build tree
 #                python.golden.load              test_pretrained's golden-checkpoint test on those files
 #                                                (PEFT_GOLDEN_CHECKPOINT_DIR)
+#   both ways    python.cpp_checkpoints_more.*   the same for AdaLoRA, VeRA and modules_to_save (test_pretrained_more,
+#                python.golden_more.*            check_cpp_checkpoints_more.py, gen_checkpoints_adalora_vera.py)
 # Each check script exits non-zero on any mismatch.
 set(PEFT_PYTHON "" CACHE FILEPATH "Python of a virtual environment with torch, peft and safetensors; enables the `python` ctests")
 if(NOT PEFT_PYTHON)
@@ -45,6 +47,22 @@ add_test(NAME python.golden.load
   COMMAND ${CMAKE_COMMAND} -E env PEFT_GOLDEN_CHECKPOINT_DIR=${_py_out}/golden
     $<TARGET_FILE:test_pretrained> --warn NoTests "[reference]")
 set_tests_properties(python.golden.load PROPERTIES LABELS python FIXTURES_REQUIRED peft_py_golden)
+
+# The same both ways for AdaLoRA (truncating rank_pattern), VeRA (shared projections) and modules_to_save
+# (test_pretrained_more, check_cpp_checkpoints_more.py, gen_checkpoints_adalora_vera.py)
+add_test(NAME python.cpp_checkpoints_more.export
+  COMMAND ${CMAKE_COMMAND} -E env PEFT_PRETRAINED_EXPORT_DIR=${_py_out}/cpp_checkpoints_more $<TARGET_FILE:test_pretrained_more> --warn NoTests "[.export]")
+set_tests_properties(python.cpp_checkpoints_more.export PROPERTIES LABELS python FIXTURES_SETUP peft_py_cpp_checkpoints_more)
+add_test(NAME python.cpp_checkpoints_more.check
+  COMMAND ${PEFT_PYTHON} ${_py_ref}/check_cpp_checkpoints_more.py ${_py_out}/cpp_checkpoints_more)
+set_tests_properties(python.cpp_checkpoints_more.check PROPERTIES LABELS python FIXTURES_REQUIRED peft_py_cpp_checkpoints_more TIMEOUT 600)
+add_test(NAME python.golden_more.generate
+  COMMAND ${CMAKE_COMMAND} -E env OMP_NUM_THREADS=1 ${PEFT_PYTHON} ${_py_ref}/gen_checkpoints_adalora_vera.py --out ${_py_out}/golden_more)
+set_tests_properties(python.golden_more.generate PROPERTIES LABELS python FIXTURES_SETUP peft_py_golden_more TIMEOUT 600)
+add_test(NAME python.golden_more.load
+  COMMAND ${CMAKE_COMMAND} -E env PEFT_GOLDEN_CHECKPOINT_DIR=${_py_out}/golden_more
+    $<TARGET_FILE:test_pretrained_more> --warn NoTests "[reference]")
+set_tests_properties(python.golden_more.load PROPERTIES LABELS python FIXTURES_REQUIRED peft_py_golden_more)
 
 # C++ -> PEFT: adapters written by `peft combine` (the command-line program is defined after tests/, so these
 # are added at the end of the top-level directory, and only if it is built)

@@ -24,12 +24,14 @@
 #include <string>
 #include <vector>
 
+#include <peft/adapter/adalora.hpp>
 #include <peft/adapter/ia3.hpp>
 #include <peft/adapter/loha.hpp>
 #include <peft/adapter/lokr.hpp>
 #include <peft/adapter/lora.hpp>
 #include <peft/adapter/lora_conv2d.hpp>
 #include <peft/adapter/lora_embedding.hpp>
+#include <peft/adapter/vera.hpp>
 #include <peft/io/adapter_config.hpp>
 #include <peft/io/pretrained.hpp>
 #include <peft/io/safetensors.hpp>
@@ -48,7 +50,9 @@ const char* const known_suffixes[] = {
     ".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B",
     ".hada_w1_a",     ".hada_w1_b",     ".hada_w2_a",   ".hada_w2_b",             ".hada_t1",          ".hada_t2",
     ".lokr_w1",       ".lokr_w1_a",     ".lokr_w1_b",   ".lokr_w2",               ".lokr_w2_a",        ".lokr_w2_b",
-    ".lokr_t2",       ".ia3_l",         ".base_layer.bias"};
+    ".lokr_t2",       ".ia3_l",         ".base_layer.bias",
+    ".lora_A",        ".lora_B",        ".lora_E",      ".ranknum",               // AdaLoRA (bare parameters)
+    ".vera_lambda_b", ".vera_lambda_d"};
 
 struct Split {
   std::string module, tensor;
@@ -129,7 +133,12 @@ int inspect(const fs::path& dir) {
     std::cout << "other tensors (" << other.size() << "):\n";
     for (const auto& k : other) {
       const auto& i = f.info(k);
-      std::cout << "  " << k << "  " << st::name(i.dtype) << " " << shape_str(i.shape) << "\n";
+      const std::string rest = k.rfind(peft::io::state_dict_prefix, 0) == 0 ? k.substr(std::string(peft::io::state_dict_prefix).size()) : k;
+      const auto dot = rest.rfind('.');
+      const char* what = (k == peft::io::vera_A_key || k == peft::io::vera_B_key) ? "  (VeRA's shared projection)"
+                         : (dot != std::string::npos && peft::io::detail::listed_to_save(cfg.modules_to_save, rest.substr(0, dot))) ? "  (modules_to_save)"
+                                                                                                                                    : "";
+      std::cout << "  " << k << "  " << st::name(i.dtype) << " " << shape_str(i.shape) << what << "\n";
       total += i.numel();
     }
   }
@@ -140,7 +149,7 @@ int inspect(const fs::path& dir) {
 // ---------------------------------------------------------------------------------------------
 // merge
 
-using Lin = peft::Adapted<peft::Linear<float>, peft::Lora, peft::Loha, peft::Lokr, peft::Ia3>;
+using Lin = peft::Adapted<peft::Linear<float>, peft::Lora, peft::Loha, peft::Lokr, peft::Ia3, peft::AdaLora, peft::Vera>;
 using Conv = peft::Adapted<peft::Conv2d<float>, peft::Lora, peft::Loha, peft::Lokr, peft::Ia3>;
 using Emb = peft::Adapted<peft::Embedding<float>, peft::Lora>;
 /// The modules one adapter touches, over the merge's working copies of the base weights.
@@ -174,17 +183,30 @@ class Merger {
     bool fan_in_fan_out = false;
     if (auto* l = cfg.get_if<peft::LoraConfig>()) fan_in_fan_out = l->fan_in_fan_out;
     if (auto* l = cfg.get_if<peft::Ia3Config>()) fan_in_fan_out = l->fan_in_fan_out;
+    if (auto* l = cfg.get_if<peft::AdaLoraConfig>()) fan_in_fan_out = l->fan_in_fan_out;
+    if (auto* l = cfg.get_if<peft::VeraConfig>()) fan_in_fan_out = l->fan_in_fan_out;
+    const bool vera = cfg.get_if<peft::VeraConfig>() != nullptr;
 
     std::set<std::string> modules;
-    std::vector<std::string> plain_biases;  // bias = "all": biases of modules without the adapter
+    // tensors that replace the base's: bias = "all" (biases of modules without the adapter) and
+    // modules_to_save (whole trained modules, e.g. a head: PEFT's merge_and_unload keeps the trained copy)
+    std::vector<std::string> plain_biases;
+    const std::string pre = peft::io::state_dict_prefix;
     for (const auto& k : f.names()) {
       const Split s = split_key(k);
+      const bool prefixed = k.rfind(pre, 0) == 0;
+      const std::string rest = prefixed ? k.substr(pre.size()) : k;
+      const auto dot = rest.rfind('.');
       if (!s.module.empty() && s.tensor != "base_layer.bias") modules.insert(s.module);
-      else if (s.module.empty() && cfg.bias == peft::io::BiasMode::all && k.size() > 5 && k.compare(k.size() - 5, 5, ".bias") == 0 &&
-               k.rfind(peft::io::state_dict_prefix, 0) == 0)
+      else if (s.module.empty() && cfg.bias == peft::io::BiasMode::all && k.size() > 5 && k.compare(k.size() - 5, 5, ".bias") == 0 && prefixed)
         plain_biases.push_back(k);
+      else if (s.module.empty() && prefixed && dot != std::string::npos && peft::io::detail::listed_to_save(cfg.modules_to_save, rest.substr(0, dot)))
+        plain_biases.push_back(k);
+      else if (s.module.empty() && vera && (k == peft::io::vera_A_key || k == peft::io::vera_B_key))
+        continue;  // the shared projections: read by load_pretrained
       else if (s.module.empty())
-        throw peft::FormatError(cat(f.path(), ": tensor '", k, "' is not an adapter tensor peft can merge (expected base_model.model.<module>.<lora_A.weight|hada_w1_a|lokr_w1|ia3_l|...>)"));
+        throw peft::FormatError(cat(f.path(), ": tensor '", k, "' is not an adapter tensor peft can merge (expected base_model.model.<module>.<lora_A.weight|hada_w1_a|lokr_w1|ia3_l|lora_E|vera_lambda_b|...>",
+                                    cfg.modules_to_save ? ", or a tensor of the config's modules_to_save" : "", ")"));
     }
     if (modules.empty()) throw peft::FormatError(cat(f.path(), ": holds no adapter tensors"));
 
@@ -234,7 +256,7 @@ class Merger {
       for (const auto& k : unexpected) msg += "\n  unexpected (not selected by target_modules, or of another method): " + k;
       throw peft::FormatError(msg);
     }
-    // bias = "all": trained biases of other modules replace the base's
+    // bias = "all" and modules_to_save: the trained tensors replace the base's
     for (const auto& k : plain_biases) {
       const std::string name = k.substr(std::string(peft::io::state_dict_prefix).size());
       auto& b = work(name, cat("the adapter holds '", k, "'"));
@@ -333,7 +355,13 @@ LoraFile read_lora(const fs::path& dir) {
   const fs::path weights = weights_of(dir);
   lf.config = peft::io::read_adapter_config(dir);
   const auto* cfg = lf.config.get_if<peft::LoraConfig>();
-  if (!cfg) throw peft::FormatError(cat(dir.string(), ": a ", lf.config.peft_type(), " adapter; peft combine combines LoRA adapters only (PEFT's add_weighted_adapter)"));
+  if (!cfg) {
+    const std::string type = lf.config.peft_type();
+    const char* why = type == "ADALORA" ? " (PEFT's AdaLoraModel refuses add_weighted_adapter as well)"
+                      : type == "VERA"  ? " (PEFT's VeraModel has no add_weighted_adapter)"
+                                        : "";
+    throw peft::FormatError(cat(dir.string(), ": a ", type, " adapter; peft combine combines LoRA adapters only (PEFT's add_weighted_adapter)", why));
+  }
   if (cfg->use_dora) throw peft::FormatError(cat(dir.string(), ": a DoRA adapter (use_dora); DoRA adapters cannot be combined"));
   if (cfg->lora_bias) throw peft::FormatError(cat(dir.string(), ": an adapter with lora_bias; it cannot be combined"));
   st::File f(weights);

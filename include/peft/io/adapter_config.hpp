@@ -6,7 +6,8 @@
 //   if (auto* lora = cfg.get_if<peft::LoraConfig>()) ...   // the library's own config struct
 //   peft::io::write_adapter_config("out/adapter_config.json", cfg);     // atomic (temp file + rename)
 //
-// The method's fields go to the library's config struct (LoraConfig, LohaConfig, LokrConfig, Ia3Config);
+// The method's fields go to the library's config struct (LoraConfig, LohaConfig, LokrConfig, Ia3Config,
+// AdaLoraConfig, VeraConfig);
 // the fields PEFT shares between methods (target_modules, exclude_modules, modules_to_save,
 // layers_to_transform, layers_pattern, bias, task_type, ...) live in AdapterConfig.
 //
@@ -39,10 +40,12 @@
 
 #include <nlohmann/json.hpp>
 
+#include "peft/adapter/adalora.hpp"
 #include "peft/adapter/ia3.hpp"
 #include "peft/adapter/loha.hpp"
 #include "peft/adapter/lokr.hpp"
 #include "peft/adapter/lora.hpp"
+#include "peft/adapter/vera.hpp"
 #include "peft/errors.hpp"
 #include "peft/io/file.hpp"
 
@@ -468,8 +471,133 @@ struct ConfigCodec<Ia3Config> {
   }
 };
 
+/// AdaLoRA (PEFT's AdaLoraConfig, a LoraConfig subclass). rank_pattern is an object of keep masks over the
+/// init_r singular triplets, keyed "<module path>.lora_E" as PEFT saves it (module paths and the in-memory
+/// "<path>.lora_E.<adapter>" form are read too; keys are written in PEFT's saved form). Of the LoRA fields,
+/// AdaLoRA's math uses lora_alpha, lora_dropout, fan_in_fan_out and init_lora_weights; r, use_rslora,
+/// alpha_pattern and lora_bias are accepted and ignored as PEFT's AdaLoRA ignores them (a warning when they
+/// are set), use_dora = true is refused as PEFT refuses it.
+template <>
+struct ConfigCodec<AdaLoraConfig> {
+  static constexpr const char* peft_type = "ADALORA";
+  static void read(detail::ConfigReader& r, AdaLoraConfig& c) {
+    using detail::ForeignKey;
+    r.get("target_r", c.target_r);
+    r.get("init_r", c.init_r);
+    r.get("tinit", c.tinit);
+    r.get("tfinal", c.tfinal);
+    r.get("deltaT", c.deltaT);
+    r.get("beta1", c.beta1);
+    r.get("beta2", c.beta2);
+    r.get("orth_reg_weight", c.orth_reg_weight);
+    r.get("total_step", c.total_step);
+    r.get("lora_alpha", c.lora_alpha);
+    r.get("lora_dropout", c.lora_dropout);
+    r.get("fan_in_fan_out", c.fan_in_fan_out);
+    if (const auto* v = r.find("init_lora_weights"); v && !v->is_null()) {
+      // PEFT's AdaLoRA tests it for truth: any string (e.g. "gaussian") means the default initialisation
+      if (v->is_boolean()) c.init_lora_weights = v->get<bool>();
+      else if (v->is_string()) c.init_lora_weights = !v->get<std::string>().empty();
+      else r.wrong_type("init_lora_weights", "true, false or a string", *v);
+    }
+    if (const auto* v = r.find("rank_pattern"); v && !v->is_null()) {
+      if (!v->is_object()) r.wrong_type("rank_pattern", "an object (module -> list of booleans) or null", *v);
+      c.rank_pattern.clear();
+      for (auto it = v->begin(); it != v->end(); ++it) {
+        const std::string sub = peft::detail::cat("rank_pattern['", it.key(), "']");
+        if (!it.value().is_array()) r.wrong_type(sub, "a list of booleans (the keep mask over init_r triplets)", it.value());
+        std::vector<bool> mask;
+        for (const auto& e : it.value()) {
+          if (e.is_boolean()) mask.push_back(e.get<bool>());
+          else if ((e.is_number_integer() || e.is_number_unsigned()) && (e.get<std::int64_t>() == 0 || e.get<std::int64_t>() == 1)) mask.push_back(e.get<std::int64_t>() == 1);
+          else r.fail(sub, peft::detail::cat("expected a list of booleans, but an entry is ", detail::type_name(e), " (", detail::snippet(e), ")"));
+        }
+        c.rank_pattern.emplace_back(it.key(), std::move(mask));
+      }
+    }
+    // LoRA fields that PEFT's AdaLoRA does not use
+    r.find("r");  // PEFT warns that r is ignored (init_r is the rank)
+    bool dora = false;
+    r.get("use_dora", dora);
+    if (dora) r.fail("use_dora", "ADALORA does not support DoRA (PEFT refuses use_dora = true for AdaLoRA)");
+    static constexpr ForeignKey foreign[] = {
+        {"use_rslora", "false", false},        {"alpha_pattern", "{}|null", false},     {"lora_bias", "false", false},
+        {"use_qalora", "false", true},         {"layer_replication", "null", true},     {"trainable_token_indices", "null", true},
+        {"target_parameters", "null", true},   {"alora_invocation_tokens", "null", true}, {"arrow_config", "null", true},
+        {"use_bdlora", "null", true},          {"megatron_config", "null", true},       {"monteclora_config", "null", true},
+        {"velora_config", "null", true},       {"kasa_config", "null", true},           {"loftq_config", "{}|null", true},
+        {"eva_config", "null", false},         {"corda_config", "null", false},         {"lora_ga_config", "null", false},
+        {"ensure_weight_tying", "false", false}, {"megatron_core", "\"megatron.core\"|null", false},
+        {"qalora_group_size", "16|null", false}, {"runtime_config", "null|{}", false},
+    };
+    detail::check_foreign(r, foreign, "AdaLoRA");
+  }
+  static void write(const AdaLoraConfig& c, nlohmann::json& j) {
+    j["target_r"] = c.target_r;
+    j["init_r"] = c.init_r;
+    j["tinit"] = c.tinit;
+    j["tfinal"] = c.tfinal;
+    j["deltaT"] = c.deltaT;
+    j["beta1"] = c.beta1;
+    j["beta2"] = c.beta2;
+    j["orth_reg_weight"] = c.orth_reg_weight;
+    j["total_step"] = c.total_step > 0 ? nlohmann::json(c.total_step) : nlohmann::json(nullptr);
+    j["lora_alpha"] = detail::number(c.lora_alpha);
+    j["lora_dropout"] = c.lora_dropout;
+    j["fan_in_fan_out"] = c.fan_in_fan_out;
+    j["init_lora_weights"] = c.init_lora_weights;
+    if (c.rank_pattern.empty()) {
+      j["rank_pattern"] = nullptr;
+    } else {
+      // PEFT's saved form: "<module path>.lora_E" (its loader strips the last component to find the module)
+      nlohmann::json o = nlohmann::json::object();
+      for (const auto& [k, mask] : c.rank_pattern) {
+        const std::string m = AdaLoraConfig::module_of_key(k);
+        o[m.empty() ? std::string("lora_E") : m + ".lora_E"] = mask;
+      }
+      j["rank_pattern"] = std::move(o);
+    }
+  }
+};
+
+/// VeRA (PEFT's VeraConfig). The shared projections are not part of the file: load_pretrained takes them
+/// from the checkpoint (base_model.vera_A / base_model.vera_B), save_pretrained writes them there.
+/// PEFT's bias "vera_only" is AdapterConfig::bias = BiasMode::lora_only (the adapted layers' base biases).
+template <>
+struct ConfigCodec<VeraConfig> {
+  static constexpr const char* peft_type = "VERA";
+  static void read(detail::ConfigReader& r, VeraConfig& c) {
+    r.get("r", c.r);
+    if (const auto* v = r.find("projection_prng_key"); v && !v->is_null()) {
+      if (v->is_number_unsigned()) c.projection_prng_key = v->get<std::uint64_t>();
+      else if (v->is_number_integer()) c.projection_prng_key = std::uint64_t(v->get<std::int64_t>());  // torch.manual_seed wraps negatives too
+      else r.wrong_type("projection_prng_key", "an integer", *v);
+    }
+    r.get("save_projection", c.save_projection);
+    r.get("vera_dropout", c.vera_dropout);
+    r.get("d_initial", c.d_initial);
+    r.get("fan_in_fan_out", c.fan_in_fan_out);
+    r.get("init_weights", c.init_weights);
+  }
+  static void write(const VeraConfig& c, nlohmann::json& j) {
+    j["r"] = c.r;
+    j["projection_prng_key"] = c.projection_prng_key;
+    j["save_projection"] = c.save_projection;
+    j["vera_dropout"] = c.vera_dropout;
+    j["d_initial"] = c.d_initial;
+    j["fan_in_fan_out"] = c.fan_in_fan_out;
+    j["init_weights"] = c.init_weights;
+  }
+  /// VeraConfig::validate without the projections (a file never holds them).
+  static void validate(const VeraConfig& c) {
+    if (c.r <= 0) throw ConfigError(peft::detail::cat("VeraConfig: r should be a positive integer value but the value passed is ", c.r));
+    if (!(c.vera_dropout >= 0.0 && c.vera_dropout < 1.0))
+      throw ConfigError(peft::detail::cat("VeraConfig: vera_dropout must be in [0, 1), got ", c.vera_dropout));
+  }
+};
+
 /// Every method the checkpoint code knows. Add a method here (and a ConfigCodec for it).
-using MethodConfig = std::variant<LoraConfig, LohaConfig, LokrConfig, Ia3Config>;
+using MethodConfig = std::variant<LoraConfig, LohaConfig, LokrConfig, Ia3Config, AdaLoraConfig, VeraConfig>;
 
 /// PEFT's task_type strings (or none: a plain PeftModel).
 inline constexpr const char* task_types[] = {"SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"};
@@ -490,7 +618,7 @@ struct AdapterConfig {
   std::optional<std::vector<std::string>> modules_to_save;
   std::optional<std::vector<int>> layers_to_transform;  ///< restricts list matches to these layer indices
   std::optional<std::vector<std::string>> layers_pattern;
-  BiasMode bias = BiasMode::none;                     ///< LoRA only
+  BiasMode bias = BiasMode::none;                     ///< LoRA, AdaLoRA and VeRA (whose "vera_only" is lora_only)
   std::optional<std::string> peft_version;            ///< as read (not written: peft++ is not PEFT)
 
   template <class C>
@@ -542,7 +670,8 @@ bool read_method(const std::string& type, ConfigReader& r, MethodConfig& out) {
       C c{};
       ConfigCodec<C>::read(r, c);
       try {
-        c.validate();
+        if constexpr (requires { ConfigCodec<C>::validate(c); }) ConfigCodec<C>::validate(c);
+        else c.validate();
       } catch (const ConfigError& e) {
         throw FormatError(cat(r.file(), ": ", e.what()));
       }
@@ -617,13 +746,16 @@ inline AdapterConfig parse_adapter_config(std::string_view text, const std::stri
     for (const auto& pat : *c.layers_pattern)  // PEFT: re.match(rf"^(?:|.*\.){pattern}\.(\d+)\.", path)
       r.check_regex("layers_pattern", "^(?:|.*?\\.)" + pat + "\\.(\\d+)\\.");
   }
-  if (std::holds_alternative<LoraConfig>(c.method)) {
+  if (std::holds_alternative<LoraConfig>(c.method) || std::holds_alternative<AdaLoraConfig>(c.method) || std::holds_alternative<VeraConfig>(c.method)) {
+    // LoRA and AdaLoRA (a LoraConfig subclass): "lora_only"; VeRA: "vera_only" (the same rule)
+    const bool vera = std::holds_alternative<VeraConfig>(c.method);
+    const char* only = vera ? "vera_only" : "lora_only";
     std::string b = "none";
     r.get("bias", b);
     if (b == "none") c.bias = BiasMode::none;
     else if (b == "all") c.bias = BiasMode::all;
-    else if (b == "lora_only") c.bias = BiasMode::lora_only;
-    else r.fail("bias", peft::detail::cat("expected \"none\", \"all\" or \"lora_only\", got \"", b, "\""));
+    else if (b == only) c.bias = BiasMode::lora_only;
+    else r.fail("bias", peft::detail::cat("expected \"none\", \"all\" or \"", only, "\", got \"", b, "\""));
   }
   if (auto* ia3 = c.get_if<Ia3Config>(); ia3 && c.target_modules.names && !ia3->feedforward_regex) {
     for (const auto& f : ia3->feedforward_modules) {  // PEFT's IA3Config.__post_init__
@@ -662,12 +794,14 @@ inline nlohmann::json to_json(const AdapterConfig& c) {
     return json(nullptr);
   };
   j["target_modules"] = selector(c.target_modules);
-  j["exclude_modules"] = selector(c.exclude_modules);
+  // PEFT's VeraConfig has no exclude_modules: written only when set
+  if (!std::holds_alternative<VeraConfig>(c.method) || !c.exclude_modules.is_null()) j["exclude_modules"] = selector(c.exclude_modules);
   j["modules_to_save"] = c.modules_to_save ? json(*c.modules_to_save) : json(nullptr);
   // PEFT's IA3Config has no layers_to_transform / layers_pattern: written only when set
   if (!std::holds_alternative<Ia3Config>(c.method) || c.layers_to_transform) j["layers_to_transform"] = c.layers_to_transform ? json(*c.layers_to_transform) : json(nullptr);
   if (!std::holds_alternative<Ia3Config>(c.method) || c.layers_pattern) j["layers_pattern"] = c.layers_pattern ? json(*c.layers_pattern) : json(nullptr);
-  if (std::holds_alternative<LoraConfig>(c.method)) j["bias"] = to_string(c.bias);
+  if (std::holds_alternative<LoraConfig>(c.method) || std::holds_alternative<AdaLoraConfig>(c.method)) j["bias"] = to_string(c.bias);
+  if (std::holds_alternative<VeraConfig>(c.method)) j["bias"] = c.bias == BiasMode::lora_only ? "vera_only" : to_string(c.bias);
   return j;
 }
 

@@ -16,7 +16,9 @@
 #pragma once
 
 #include <algorithm>
+#include <deque>
 #include <filesystem>
+#include <memory>
 #include <functional>
 #include <map>
 #include <optional>
@@ -27,6 +29,8 @@
 #include <vector>
 
 #include "peft/adapted.hpp"
+#include "peft/adapter/adalora.hpp"
+#include "peft/adapter/vera.hpp"
 #include "peft/io/adapter_config.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/model.hpp"
@@ -205,6 +209,87 @@ struct KindCheckpoint<Ia3> {
   }
 };
 
+template <>
+struct KindCheckpoint<AdaLora> {
+  static constexpr const char* prefix = "lora_";
+  template <class Base, class A>
+  static auto tensors(const Base&, A& a) {
+    using T = typename Base::scalar;
+    using detail::dims;
+    // PEFT's SVDLinear: bare nn.Parameters (no ".weight"); E is [r, 1]. ranknum is not saved (PEFT >= 0.14)
+    return std::vector<AdapterTensor<T>>{{"lora_A", a.A(), dims({a.r, a.in})},
+                                         {"lora_B", a.B(), dims({a.out, a.r})},
+                                         {"lora_E", a.E(), dims({a.r, 1})}};
+  }
+  /// The tensors truncated to the triplets `keep` marks (PEFT's resize_state_dict_by_rank_pattern), copied
+  /// into `store` (which must outlive the views).
+  template <class T, class A>
+  static std::vector<AdapterTensor<T>> truncated(const A& a, const std::vector<bool>& keep, std::deque<std::vector<T>>& store) {
+    using detail::dims;
+    const Index k = Index(std::count(keep.begin(), keep.end(), true));
+    auto& va = store.emplace_back();
+    auto& ve = store.emplace_back();
+    auto& vb = store.emplace_back();
+    for (int i = 0; i < a.r; ++i) {
+      if (!keep[std::size_t(i)]) continue;
+      va.insert(va.end(), a.a.data() + i * a.in, a.a.data() + (i + 1) * a.in);
+      ve.push_back(a.e[std::size_t(i)]);
+    }
+    for (Index o = 0; o < a.out; ++o)
+      for (int i = 0; i < a.r; ++i)
+        if (keep[std::size_t(i)]) vb.push_back(a.b[std::size_t(o * a.r + i)]);
+    return {{"lora_A", MatrixView<T>(va.data(), k, a.in), dims({k, a.in})},
+            {"lora_B", MatrixView<T>(vb.data(), a.out, k), dims({a.out, k})},
+            {"lora_E", MatrixView<T>(ve.data(), k, 1), dims({k, 1})}};
+  }
+  /// Whether saving adapter `a` under `want` truncates it: it still has all init_r triplets and the
+  /// config's rank_pattern keeps fewer (PEFT saves a model in the middle of training that way).
+  template <class A>
+  static bool truncates(const A& a, const AdaLoraConfig& want) {
+    return !want.rank_pattern.empty() && a.r == want.init_r && want.rank_for_module() < a.r;
+  }
+  template <class A>
+  static std::string mismatch(const A& a, const AdaLoraConfig& want) {
+    const auto& c = a.config;
+    if (a.ranknum != double(want.init_r))
+      return peft::detail::cat("init_r = ", a.ranknum, " (ranknum) but the config gives ", want.init_r);
+    if (c.lora_alpha != want.lora_alpha) return peft::detail::cat("lora_alpha = ", c.lora_alpha, " but the config gives ", want.lora_alpha);
+    if (c.fan_in_fan_out != want.fan_in_fan_out) return peft::detail::cat("fan_in_fan_out = ", c.fan_in_fan_out, " but the config has ", want.fan_in_fan_out);
+    const int kept = want.rank_for_module();
+    if (a.r != kept && !truncates(a, want)) {
+      if (want.rank_pattern.empty())
+        return peft::detail::cat("the adapter has rank ", a.r, " (truncated) but the config's rank_pattern has no entry for this module, so PEFT "
+                                 "would rebuild it with init_r = ", want.init_r, "; put the allocator's rank_pattern() in the config");
+      return peft::detail::cat("the adapter has rank ", a.r, " but the config's rank_pattern keeps ", kept, " of init_r = ", want.init_r, " triplets");
+    }
+    return {};
+  }
+};
+
+template <>
+struct KindCheckpoint<Vera> {
+  static constexpr const char* prefix = "vera_lambda_";
+  template <class Base, class A>
+  static auto tensors(const Base&, A& a) {
+    using T = typename Base::scalar;
+    using detail::dims;
+    // bare nn.Parameters: vera_lambda_b [out], vera_lambda_d [r]; the shared projections are model-level
+    // entries (base_model.vera_A / base_model.vera_B), added once per checkpoint
+    return std::vector<AdapterTensor<T>>{{"vera_lambda_b", a.vera_lambda_b(), dims({a.out})}, {"vera_lambda_d", a.vera_lambda_d(), dims({a.r})}};
+  }
+  template <class A>
+  static std::string mismatch(const A& a, const VeraConfig& want) {
+    const auto& c = a.config;
+    if (c.r != want.r) return peft::detail::cat("r = ", c.r, " but the config gives ", want.r);
+    if (c.fan_in_fan_out != want.fan_in_fan_out) return peft::detail::cat("fan_in_fan_out = ", c.fan_in_fan_out, " but the config has ", want.fan_in_fan_out);
+    return {};
+  }
+};
+
+/// PEFT's checkpoint keys of VeRA's shared projections (written when save_projection is true).
+inline constexpr const char* vera_A_key = "base_model.vera_A";
+inline constexpr const char* vera_B_key = "base_model.vera_B";
+
 namespace detail {
 
 template <class L>
@@ -236,27 +321,25 @@ struct has_config_impl<Adapted<Base, Kinds...>, Config> : std::bool_constant<(st
 template <class Layer, class Config>
 inline constexpr bool has_config = has_config_impl<Layer, Config>::value;
 
-/// The kind of adapter `name` on `layer`, found from its parameter names; calls f(type_identity<Kind>).
-/// Returns false when the layer has no adapter of that name.
+/// The kind of adapter `name` on `layer` (asked of the layer: several kinds may share a parameter prefix,
+/// e.g. LoRA's and AdaLoRA's "lora_A"); calls f(type_identity<Kind>). Returns false when the layer has no
+/// adapter of that name.
 template <class Layer, class F>
 bool with_adapter_kind(Layer& layer, const std::string& name, F&& f) {
   if (!layer.has_adapter(name)) return false;
-  std::string first;
-  layer.visit_parameters([&](const auto& p) {
-    if (!first.empty()) return;
-    const std::string& n = p.name;
-    if (n.find("." + name + ".") != std::string::npos || (n.size() > name.size() && n.compare(n.size() - name.size() - 1, name.size() + 1, "." + name) == 0))
-      first = n;
-  });
   bool done = false;
   for_each_kind<Layer>([&](auto k) {
     using K = typename decltype(k)::type;
-    if (!done && first.rfind(KindCheckpoint<K>::prefix, 0) == 0) {
-      done = true;
-      f(k);
+    if (done) return;
+    try {
+      (void)layer.template adapter<K>(name);
+    } catch (const AdapterError&) {
+      return;  // another kind
     }
+    done = true;
+    f(k);
   });
-  if (!done) throw AdapterError(cat("adapter '", name, "' on layer '", layer.module_path(), "': no checkpoint format for its kind (parameter '", first, "')"));
+  if (!done) throw AdapterError(cat("adapter '", name, "' on layer '", layer.module_path(), "': no checkpoint format for its kind"));
   return true;
 }
 
@@ -291,17 +374,75 @@ struct SaveOptions {
   bool sync = true;  ///< fsync the files and the directory (see safetensors::WriteOptions)
 };
 
+// ---------------------------------------------------------------------------------------------
+// Whole modules saved beside the adapter (PEFT's modules_to_save)
+
+/// A module trained in full beside the adapter — PEFT's `modules_to_save`, e.g. a new classification head.
+/// Its tensors are saved as `base_model.model.<path>.<name>` (`base_model.model.head.weight`, `...head.bias`),
+/// the keys PEFT's ModulesToSaveWrapper writes, and loaded back into the same views. Build one with
+/// module_to_save(path, layer) for a Linear, Embedding or Conv2d, or add() tensors of any layer by hand.
+template <class T>
+struct ModuleToSave {
+  std::string path;                       ///< the module path in the PyTorch model ("classifier", "score", "head")
+  std::vector<AdapterTensor<T>> tensors;  ///< suffix: the tensor's name inside the module ("weight", "bias")
+
+  /// Adds one tensor with PyTorch's shape (its element count must be the view's; the view contiguous).
+  ModuleToSave& add(std::string name, MatrixView<T> view, std::vector<std::uint64_t> shape) {
+    std::uint64_t n = 1;
+    for (auto d : shape) n *= d;
+    if (!view.contiguous() || n != std::uint64_t(view.size()))
+      throw ShapeError(peft::detail::cat("ModuleToSave '", path, "': tensor '", name, "' has shape ", detail::shape_str(shape), " (", n,
+                                         " elements) but its storage is ", view.contiguous() ? "" : "a non-contiguous ", "[", view.rows, ", ",
+                                         view.cols, "]"));
+    tensors.push_back({std::move(name), view, std::move(shape)});
+    return *this;
+  }
+};
+
+/// The weight (and bias, when the layer has one) of a plain Linear, Embedding or Conv2d layer as a module to
+/// save, with PyTorch's shapes: Linear [out, in] ([in, out] for a Conv1D-style layout) and [out], Embedding
+/// [num_embeddings, embedding_dim], Conv2d [out, in, kh, kw] and [out]. Views: nothing is copied.
+template <class Layer>
+ModuleToSave<typename Layer::scalar> module_to_save(std::string path, Layer& layer) {
+  static_assert(!detail::adapted_traits<std::remove_cvref_t<Layer>>::value,
+                "module_to_save: a module to save is a plain layer (PEFT never puts adapters on modules_to_save)");
+  ModuleToSave<typename Layer::scalar> m{std::move(path), {}};
+  auto w = layer.weight();
+  if constexpr (detail::ConvBase<Layer>) {
+    const auto& g = layer.geometry();
+    m.add("weight", w, detail::dims({g.out_channels, g.in_channels, g.kernel_h, g.kernel_w}));
+  } else {
+    m.add("weight", w, detail::dims({w.rows, w.cols}));
+  }
+  if constexpr (requires { layer.bias(); }) {
+    auto b = layer.bias();
+    if (!b.empty()) m.add("bias", b, {std::uint64_t(b.size())});
+  }
+  return m;
+}
+
 namespace detail {
 template <class T>
 struct StateEntry {
   std::string key;
   MatrixView<T> view;
   std::vector<std::uint64_t> shape;
+  std::shared_ptr<const void> owner;  ///< keeps copied values alive (truncated AdaLoRA tensors, VeRA projections)
 };
-/// Collects the checkpoint tensors of one adapter (and biases per `bias`), with PEFT's keys.
+
+/// Collects the checkpoint tensors of one adapter (and biases per `bias`), with PEFT's keys. With `cfg`,
+/// AdaLoRA adapters that still hold all init_r triplets are truncated by the config's rank_pattern (copies).
+/// VeRA adds the shared projections once, sliced to the largest in/out features of the adapted layers
+/// (the size PEFT gives them for these layers).
 template <class T, class Model>
-std::vector<StateEntry<T>> collect_state(Model& model, const std::string& adapter, BiasMode bias, std::vector<std::string>* paths = nullptr) {
+std::vector<StateEntry<T>> collect_state(Model& model, const std::string& adapter, BiasMode bias, std::vector<std::string>* paths = nullptr,
+                                         const AdapterConfig* cfg = nullptr) {
   std::vector<StateEntry<T>> out;
+  auto store = std::make_shared<std::deque<std::vector<T>>>();
+  const peft::detail::VeraProjectionsBase* proj = nullptr;
+  std::string proj_path;
+  Index max_in = 0, max_out = 0;
+  std::function<void()> emit_projections;
   for_each_layer(model, [&](auto& layer, const std::string& path) {
     using L = std::remove_cvref_t<decltype(layer)>;
     if constexpr (adapted_traits<L>::value) {
@@ -309,22 +450,73 @@ std::vector<StateEntry<T>> collect_state(Model& model, const std::string& adapte
       const bool has = layer.has_adapter(adapter);
       if (has) {
         if (paths) paths->push_back(path);
-        for (auto& t : layer_tensors(layer, adapter))
-          out.push_back({std::string(state_dict_prefix) + (path.empty() ? "" : path + ".") + t.suffix, t.view, std::move(t.shape)});
+        std::vector<AdapterTensor<T>> ts;
+        with_adapter_kind(layer, adapter, [&](auto k) {
+          using K = typename decltype(k)::type;
+          auto& a = layer.template adapter<K>(adapter);
+          bool done = false;
+          if constexpr (std::is_same_v<K, AdaLora>) {
+            if (const AdaLoraConfig* ac = cfg ? cfg->template get_if<AdaLoraConfig>() : nullptr) {
+              const AdaLoraConfig want = ac->for_module(path);
+              if (KindCheckpoint<AdaLora>::truncates(a, want)) {
+                ts = KindCheckpoint<AdaLora>::template truncated<T>(a, want.rank_pattern.front().second, *store);
+                done = true;
+              }
+            }
+          }
+          if constexpr (std::is_same_v<K, Vera>) {
+            if (!proj) {
+              proj = a.projections.get();
+              proj_path = path;
+              emit_projections = [&out, store, sp = a.projections, &max_in, &max_out] {
+                const Index r = sp->r();
+                auto& va = store->emplace_back(std::size_t(r * max_in));
+                auto& vb = store->emplace_back(std::size_t(max_out * r));
+                const auto A = sp->A_sliced(max_in);
+                const auto B = sp->B_sliced(max_out);
+                for (Index i = 0; i < r; ++i)
+                  for (Index j = 0; j < max_in; ++j) va[std::size_t(i * max_in + j)] = A(i, j);
+                for (Index i = 0; i < max_out; ++i)
+                  for (Index j = 0; j < r; ++j) vb[std::size_t(i * r + j)] = B(i, j);
+                out.push_back({vera_A_key, MatrixView<T>(va.data(), r, max_in), dims({r, max_in}), store});
+                out.push_back({vera_B_key, MatrixView<T>(vb.data(), max_out, r), dims({max_out, r}), store});
+              };
+            } else if (a.projections.get() != proj) {
+              throw ConfigError(cat("save_pretrained: the VeRA adapter '", adapter, "' of layers '", proj_path, "' and '", path,
+                                    "' uses two different VeraProjections; a PEFT checkpoint holds one vera_A / vera_B pair for the whole model"));
+            }
+            max_in = std::max(max_in, a.in);
+            max_out = std::max(max_out, a.out);
+          }
+          if (!done) ts = KindCheckpoint<K>::tensors(layer.base(), a);
+        });
+        for (auto& t : ts)
+          out.push_back({std::string(state_dict_prefix) + (path.empty() ? "" : path + ".") + t.suffix, t.view, std::move(t.shape), store});
       }
       auto b = layer.base().bias();
       if (!b.empty() && (bias == BiasMode::all || (bias == BiasMode::lora_only && has)))
-        out.push_back({std::string(state_dict_prefix) + path + (has ? ".base_layer.bias" : ".bias"), b, {std::uint64_t(b.size())}});
+        out.push_back({std::string(state_dict_prefix) + path + (has ? ".base_layer.bias" : ".bias"), b, {std::uint64_t(b.size())}, nullptr});
     }
   });
+  if (emit_projections) emit_projections();
   return out;
+}
+
+/// PEFT's modules_to_save matching (`_set_trainable`): a module is saved when its path ends with an entry.
+inline bool listed_to_save(const std::optional<std::vector<std::string>>& list, const std::string& path) {
+  if (!list) return false;
+  for (const auto& m : *list)
+    if (path.size() >= m.size() && path.compare(path.size() - m.size(), m.size(), m) == 0) return true;
+  return false;
 }
 }  // namespace detail
 
 /// The state dict of adapter `adapter_name` as PEFT saves it: (checkpoint key, view into the model, PEFT's
 /// shape), in model order. With `bias` all / lora_only the base biases are included as PEFT names them
 /// (`<path>.base_layer.bias` for layers that hold the adapter, `<path>.bias` for other adapted layers under
-/// "all"; plain layers are not visited). T is the scalar type of the model's adapted layers.
+/// "all"; plain layers are not visited). A VeRA adapter adds the shared projections (`base_model.vera_A`,
+/// `base_model.vera_B`, copies; the entries keep them alive). T is the scalar type of the model's adapted
+/// layers.
 template <class T, class Model>
 std::vector<detail::StateEntry<T>> adapter_state_dict(Model& model, const std::string& adapter_name, BiasMode bias = BiasMode::none) {
   return detail::collect_state<T>(model, adapter_name, bias);
@@ -333,23 +525,29 @@ std::vector<detail::StateEntry<T>> adapter_state_dict(Model& model, const std::s
 /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` for adapter `adapter_name` of
 /// `model`, as PEFT's save_pretrained does (the directory is created if needed). `config` is written as
 /// given, except that a null target_modules becomes the list of module paths that hold the adapter, so
-/// PEFT rebuilds exactly those layers.
+/// PEFT rebuilds exactly those layers, and that every module of `modules` (PEFT's modules_to_save, e.g. a
+/// trained head) is added to modules_to_save unless an entry already selects it.
+///
+/// Per method: AdaLoRA adapters are saved as PEFT saves them, truncated to the triplets the config's
+/// rank_pattern keeps (adapters already truncated are saved as they are); VeRA saves the shared
+/// projections (base_model.vera_A [r, max_in], base_model.vera_B [max_out, r] over the adapted layers) and
+/// requires save_projection = true: peft++'s projections are not PyTorch's, so PEFT could not rebuild them.
 ///
 /// Checks first (and writes nothing on failure): the adapter exists on some layer (AdapterError); it is of
 /// the config's method and every layer that holds it is selected by target_modules and has the rank,
 /// scaling and structure that `config` gives for its path (ConfigError naming the layer and the field) —
 /// otherwise PEFT would build different layers when loading.
-template <class Model>
+template <class Model, class U>
 void save_pretrained(Model& model, const std::filesystem::path& dir, const std::string& adapter_name, AdapterConfig config,
-                     const SaveOptions& options = {}) {
-  std::vector<std::string> paths;
-  // the scalar type: from the first adapted layer
+                     const std::vector<ModuleToSave<U>>& modules, const SaveOptions& options = {}) {
+  std::vector<std::string> paths, holders;
   bool any = false;
   for_each_layer(model, [&](auto& layer, const std::string& path) {
     using L = std::remove_cvref_t<decltype(layer)>;
     if constexpr (detail::adapted_traits<L>::value) {
       if (!layer.has_adapter(adapter_name)) return;
       any = true;
+      holders.push_back(path);
       if (!config.target_modules.is_null() && !config.targets(path))
         throw ConfigError(peft::detail::cat("save_pretrained: layer '", path, "' holds adapter '", adapter_name,
                                             "' but the config's target_modules do not select it; PEFT would not rebuild it"));
@@ -368,13 +566,48 @@ void save_pretrained(Model& model, const std::filesystem::path& dir, const std::
     }
   });
   if (!any) throw AdapterError(peft::detail::cat("save_pretrained: no layer of the model has an adapter named '", adapter_name, "'"));
+  if (const auto* v = config.template get_if<VeraConfig>(); v && !v->save_projection)
+    throw ConfigError("save_pretrained: VeRA with save_projection = false would write no vera_A / vera_B; PEFT would then draw them from "
+                      "projection_prng_key with PyTorch's generator, which are not peft++'s projections. Save with save_projection = true");
+  for (const auto& m : modules) {
+    if (m.path.empty()) throw ConfigError("save_pretrained: a module to save has an empty path (give the module path the PyTorch model uses)");
+    if (m.tensors.empty()) throw ConfigError(peft::detail::cat("save_pretrained: module to save '", m.path, "' has no tensors"));
+    if (std::find(holders.begin(), holders.end(), m.path) != holders.end())
+      throw ConfigError(peft::detail::cat("save_pretrained: module to save '", m.path, "' is a layer that holds the adapter '", adapter_name,
+                                          "'; PEFT never adapts a module of modules_to_save (it saves it whole instead)"));
+    if (!detail::listed_to_save(config.modules_to_save, m.path)) {
+      if (!config.modules_to_save) config.modules_to_save.emplace();
+      config.modules_to_save->push_back(m.path);
+    }
+  }
+  if (!modules.empty()) {  // PEFT never adapts a module that a modules_to_save entry matches
+    AdapterConfig probe = config;
+    if (probe.target_modules.is_null()) probe.target_modules = ModuleSelector::list(holders);
+    for (const auto& h : holders)
+      if (!probe.targets(h))
+        throw ConfigError(peft::detail::cat("save_pretrained: layer '", h, "' holds adapter '", adapter_name, "' but modules_to_save (",
+                                            to_json(config)["modules_to_save"].dump(), ") matches it, so PEFT would save it whole instead of adapting it"));
+  }
 
   bool saved = false;
   auto save_as = [&]<class S>(std::type_identity<S>) {
-    auto entries = detail::collect_state<S>(model, adapter_name, config.bias, &paths);
+    auto entries = detail::collect_state<S>(model, adapter_name, config.bias, &paths, &config);
     std::vector<safetensors::TensorRef> refs;
     refs.reserve(entries.size());
-    for (const auto& e : entries) refs.emplace_back(e.key, ConstMatrixView<S>(e.view), e.shape);
+    std::vector<std::string> keys;
+    for (const auto& e : entries) {
+      refs.emplace_back(e.key, ConstMatrixView<S>(e.view), e.shape);
+      keys.push_back(e.key);
+    }
+    for (const auto& m : modules)
+      for (const auto& t : m.tensors) {
+        std::string key = std::string(state_dict_prefix) + m.path + "." + t.suffix;
+        if (std::find(keys.begin(), keys.end(), key) != keys.end())
+          throw ConfigError(peft::detail::cat("save_pretrained: module to save '", m.path, "' writes '", key,
+                                              "', which the adapter's state dict already holds (a module to save is not an adapted layer)"));
+        refs.emplace_back(key, ConstMatrixView<U>(t.view), t.shape);
+        keys.push_back(std::move(key));
+      }
     if (config.target_modules.is_null()) config.target_modules = ModuleSelector::list(paths);
     std::filesystem::create_directories(dir);
     safetensors::WriteOptions wo;
@@ -392,6 +625,13 @@ void save_pretrained(Model& model, const std::filesystem::path& dir, const std::
   });
 }
 
+/// save_pretrained without modules to save.
+template <class Model>
+void save_pretrained(Model& model, const std::filesystem::path& dir, const std::string& adapter_name, AdapterConfig config,
+                     const SaveOptions& options = {}) {
+  save_pretrained(model, dir, adapter_name, std::move(config), std::vector<ModuleToSave<float>>{}, options);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Loading
 
@@ -403,10 +643,13 @@ struct LoadOptions {
   bool activate = false;
   /// Seed for the initial values the layers give the new adapter before the checkpoint overwrites them.
   std::uint64_t seed = 0;
+  /// VeRA only: the shared projections to use when the checkpoint has none (save_projection = false), e.g.
+  /// the VeraProjections the adapter was trained with in peft++. A checkpoint's own projections win.
+  std::shared_ptr<const peft::detail::VeraProjectionsBase> vera_projections;
 };
 
 struct LoadResult {
-  AdapterConfig config;
+  AdapterConfig config;  ///< as read; for VeRA, VeraConfig::projections is the pair the loaded layers share
   std::vector<std::string> adapted_modules;  ///< module paths that received the adapter, in model order
   std::vector<std::string> missing_keys;     ///< expected by the model, absent from the file (non-strict)
   std::vector<std::string> unexpected_keys;  ///< in the file, not used by the model (non-strict)
@@ -440,14 +683,18 @@ void check_tensor(const safetensors::File& f, const std::string& key, MatrixView
 /// full regex match; exclude_modules, modules_to_save and layers_to_transform honoured). With a null
 /// target_modules, the layers named in the file are used.
 ///
-/// Each layer gets the config resolved for its path (rank_pattern, alpha_pattern, feedforward_modules),
+/// Each layer gets the config resolved for its path (rank_pattern, alpha_pattern, feedforward_modules;
+/// AdaLoRA's rank_pattern gives the kept rank, with ranknum = init_r as PEFT's loader resizes the layer),
 /// then its tensors are copied in after an exact shape check (ShapeError naming the key and both shapes).
-/// Strict (default): every tensor the new adapters need must be in the file and every tensor of the file
-/// must be used, otherwise a FormatError lists the keys by name. Nothing is added to the model when
-/// loading fails (adapters added so far are removed again).
-template <class Model>
-LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const std::string& adapter_name = "default",
-                           const LoadOptions& options = {}) {
+/// VeRA: the shared projections come from the checkpoint (base_model.vera_A / vera_B; a file without them
+/// is a FormatError unless LoadOptions::vera_projections supplies them). `modules` (PEFT's modules_to_save:
+/// whole modules such as a trained head) receive `base_model.model.<path>.<tensor>`.
+/// Strict (default): every tensor the new adapters and `modules` need must be in the file and every tensor
+/// of the file must be used, otherwise a FormatError lists the keys by name. Nothing is added to the model
+/// (and no module tensor written) when loading fails (adapters added so far are removed again).
+template <class Model, class U>
+LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const std::string& adapter_name,
+                           const std::vector<ModuleToSave<U>>& modules, const LoadOptions& options = {}) {
   LoadResult res;
   const std::filesystem::path weights = std::filesystem::is_directory(dir) ? dir / adapter_weights_name : dir;
   const std::filesystem::path cfg_path = std::filesystem::is_directory(dir) ? dir / adapter_config_name : dir.parent_path() / adapter_config_name;
@@ -461,7 +708,7 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
     for (const auto& k : file.names()) {
       if (k.rfind(state_dict_prefix, 0) != 0) continue;
       const std::string rest = k.substr(std::string(state_dict_prefix).size());
-      for (const char* pre : {".lora_", ".hada_", ".lokr_", ".ia3_"}) {
+      for (const char* pre : {".lora_", ".hada_", ".lokr_", ".ia3_", ".vera_lambda_"}) {
         const auto pos = rest.rfind(pre);
         if (pos != std::string::npos) {
           file_paths.push_back(rest.substr(0, pos));
@@ -483,6 +730,48 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
   std::vector<Pending> pending;
   std::vector<std::function<void()>> undo;
   Generator gen(options.seed);
+
+  // VeRA: the shared projections, made once (for the scalar type of the first VeRA layer)
+  const VeraConfig* vera = config.template get_if<VeraConfig>();
+  const bool file_has_projections = file.contains(vera_A_key) || file.contains(vera_B_key);
+  std::shared_ptr<const peft::detail::VeraProjectionsBase> projections;
+  Index proj_in = 0, proj_out = 0;
+  if (vera) {
+    if (file_has_projections) {
+      for (const char* k : {vera_A_key, vera_B_key}) {
+        if (!file.contains(k))
+          throw FormatError(peft::detail::cat(weights.string(), ": holds ", k == vera_A_key ? vera_B_key : vera_A_key, " but not '", k,
+                                              "'; VeRA needs both shared projections"));
+        const auto& info = file.info(k);
+        if (!safetensors::is_convertible(info.dtype))
+          throw FormatError(peft::detail::cat(weights.string(), ": tensor '", k, "' has dtype ", safetensors::name(info.dtype),
+                                              "; adapter tensors must be F32, F16, BF16 or F64"));
+        const bool is_a = k == vera_A_key;
+        if (info.shape.size() != 2 || info.shape[is_a ? 0 : 1] != std::uint64_t(vera->r) || info.shape[is_a ? 1 : 0] == 0)
+          throw ShapeError(peft::detail::cat(weights.string(), ": tensor '", k, "' has shape ", detail::shape_str(info.shape), "; the config's r = ",
+                                             vera->r, " needs ", is_a ? "[r, max_in] = [" : "[max_out, r] = [", is_a ? std::to_string(vera->r) + ", n]" : "n, " + std::to_string(vera->r) + "]"));
+        expected.push_back(k);
+      }
+      proj_in = Index(file.info(vera_A_key).shape[1]);
+      proj_out = Index(file.info(vera_B_key).shape[0]);
+      if (!vera->save_projection)
+        warn(peft::detail::cat(cfg_path.string(), ": save_projection is false but ", weights.string(),
+                               " holds base_model.vera_A / vera_B; peft++ uses them (PEFT would draw new ones from projection_prng_key)"));
+    } else if (options.vera_projections) {
+      projections = options.vera_projections;
+      proj_in = projections->max_in();
+      proj_out = projections->max_out();
+    } else {
+      throw FormatError(peft::detail::cat(
+          weights.string(), ": a VeRA checkpoint without the shared projections 'base_model.vera_A' and 'base_model.vera_B' (",
+          vera->save_projection ? "missing although the config says save_projection = true"
+                                : "written with save_projection = false",
+          "). PEFT would regenerate them from projection_prng_key = ", vera->projection_prng_key,
+          " with PyTorch's random number generator, which peft++ cannot reproduce, so the projections are required: save the adapter in "
+          "PEFT with save_projection=True, or pass the projections in LoadOptions::vera_projections"));
+    }
+  }
+
   try {
     for_each_layer(model, [&](auto& layer, const std::string& path) {
       using L = std::remove_cvref_t<decltype(layer)>;
@@ -505,6 +794,21 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
             if constexpr (detail::has_config<L, C>) {
               C c = m;
               if constexpr (std::is_same_v<C, LoraConfig>) c.init_lora_weights = LoraInit::zeros;
+              if constexpr (std::is_same_v<C, VeraConfig>) {
+                using P = typename VeraBank<typename L::base_type>::projections_type;
+                if (layer.in_features() > proj_in || layer.out_features() > proj_out)
+                  throw ShapeError(peft::detail::cat(weights.string(), ": the VeRA projections are [r, ", proj_in, "] and [", proj_out,
+                                                     ", r] but layer '", path, "' has ", layer.in_features(), " inputs and ", layer.out_features(),
+                                                     " outputs; PEFT sizes them with the largest in/out features of the adapted layers"));
+                if (!projections) {  // from the file, in the layer's scalar type
+                  std::vector<T> a(std::size_t(vera->r * proj_in)), b(std::size_t(proj_out * vera->r));
+                  file.read_as<T>(vera_A_key, std::span<T>(a));
+                  file.read_as<T>(vera_B_key, std::span<T>(b));
+                  projections = P::template from_tensors<T>(MatrixView<const T>(a.data(), vera->r, proj_in),
+                                                            MatrixView<const T>(b.data(), proj_out, vera->r));
+                }
+                c.projections = projections;
+              }
               layer.add_adapter(adapter_name, c, gen);
               added = true;
             }
@@ -514,8 +818,28 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
                                                 "', whose type has no adapter kind for it"));
           undo.push_back([&layer, adapter_name] { layer.delete_adapter(adapter_name); });
           res.adapted_modules.push_back(path);
-          for (auto& t : detail::layer_tensors(layer, adapter_name))
-            need(std::string(state_dict_prefix) + (path.empty() ? "" : path + ".") + t.suffix, t.view, std::move(t.shape));
+          const std::string pre = std::string(state_dict_prefix) + (path.empty() ? "" : path + ".");
+          for (auto& t : detail::layer_tensors(layer, adapter_name)) need(pre + t.suffix, t.view, std::move(t.shape));
+          if constexpr (detail::has_config<L, AdaLoraConfig>) {
+            // checkpoints of PEFT < 0.14 also hold ranknum ([1], the initial rank): used when present
+            const std::string key = pre + "ranknum";
+            if (config.template get_if<AdaLoraConfig>() && file.contains(key)) {
+              auto& a = layer.template adapter<AdaLora>(adapter_name);
+              const auto& info = file.info(key);
+              if (info.numel() != 1 || !safetensors::is_convertible(info.dtype))
+                throw ShapeError(peft::detail::cat(weights.string(), ": tensor '", key, "' has shape ", detail::shape_str(info.shape), " and dtype ",
+                                                   safetensors::name(info.dtype), "; ranknum is one float"));
+              double v = 0;
+              file.read_as<double>(key, std::span<double>(&v, 1));
+              if (!std::isfinite(v) || v + 1e-5 == 0.0)
+                throw FormatError(peft::detail::cat(weights.string(), ": tensor '", key, "' = ", v, " is not a usable rank"));
+              expected.push_back(key);
+              pending.push_back({key, [&a, v] {
+                                   a.ranknum = v;
+                                   a.factor = T(T(a.scaling) / (T(a.ranknum) + T(1e-5)));
+                                 }});
+            }
+          }
         }
         auto b = layer.base().bias();
         if (!b.empty() && (config.bias == BiasMode::all || (config.bias == BiasMode::lora_only && target)))
@@ -525,6 +849,22 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
     if (res.adapted_modules.empty())
       throw ConfigError(peft::detail::cat("load_pretrained: ", cfg_path.string(), ": no layer of the model matches target_modules (",
                                           to_json(config)["target_modules"].dump(), "); adapted layers are matched by their module paths"));
+    // whole modules (modules_to_save)
+    for (const auto& m : modules) {
+      if (m.path.empty()) throw ConfigError("load_pretrained: a module to save has an empty path (give the module path the PyTorch model uses)");
+      for (const auto& t : m.tensors) {
+        const std::string key = std::string(state_dict_prefix) + m.path + "." + t.suffix;
+        if (std::find(expected.begin(), expected.end(), key) != expected.end())
+          throw ConfigError(peft::detail::cat("load_pretrained: module to save '", m.path, "' reads '", key, "', which an adapted layer reads too"));
+        expected.push_back(key);
+        if (!file.contains(key)) {
+          res.missing_keys.push_back(key);
+          continue;
+        }
+        detail::check_tensor(file, key, t.view, t.shape);
+        pending.push_back({key, [&file, key, view = t.view] { file.read_as<U>(key, std::span<U>(view.data, std::size_t(view.size()))); }});
+      }
+    }
     std::vector<std::string> sorted = expected;
     std::sort(sorted.begin(), sorted.end());
     for (const auto& k : file.names())
@@ -533,6 +873,9 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
       std::string msg = peft::detail::cat("load_pretrained: ", weights.string(), " does not fit the model:");
       if (!res.missing_keys.empty()) msg += peft::detail::cat(" missing keys ", detail::key_list(res.missing_keys), ";");
       if (!res.unexpected_keys.empty()) msg += peft::detail::cat(" unexpected keys ", detail::key_list(res.unexpected_keys), ";");
+      if (config.modules_to_save && !config.modules_to_save->empty() && !res.unexpected_keys.empty())
+        msg += peft::detail::cat(" (the config's modules_to_save lists ", to_json(config)["modules_to_save"].dump(),
+                                 ": pass those modules to load_pretrained, see module_to_save)");
       msg += " (LoadOptions::strict = false loads what fits)";
       throw FormatError(msg);
     }
@@ -541,8 +884,16 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
     throw;
   }
   for (auto& p : pending) p.copy();
+  if (auto* v = res.config.template get_if<VeraConfig>()) v->projections = projections;  // the ones the layers share
   if (options.activate) set_adapter(model, adapter_name);
   return res;
+}
+
+/// load_pretrained without modules to save.
+template <class Model>
+LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const std::string& adapter_name = "default",
+                           const LoadOptions& options = {}) {
+  return load_pretrained(model, dir, adapter_name, std::vector<ModuleToSave<float>>{}, options);
 }
 
 }  // namespace peft::io
