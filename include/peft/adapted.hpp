@@ -82,6 +82,7 @@ class Adapted {
     std::uint64_t generation = 0;
     std::uint64_t seed = 0;
     std::uint64_t merge_state = 0;  ///< the layer's merge state at forward time
+    bool image_wise = false;        ///< the last forward ran the additive adapters on the base's columns (Conv2d)
     /// forward_mixed's state (buffers sized only by make_context(max_batch, mixed_batches))
     struct Mixed {
       typename backend_type::template buffer<T> x, y, dx;  ///< rows grouped by adapter: [max_batch, in], [max_batch, out], [max_batch, in]
@@ -328,15 +329,34 @@ class Adapted {
     each_kind([&](auto& bank, auto& bctx, const auto& active) {
       if constexpr (requires { bank.pre_forward(bctx, active, xin); }) xin = bank.pre_forward(bctx, active, xin);
     }, ctx);
-    // 2. the base assigns y
-    base_.forward_into(ctx.base, xin, y);
+    // 2. the base assigns y, 3. additive adapters (LoRA, ...) add their deltas. On a Conv2d base whose additive
+    // banks all can, 2 and 3 run image by image on the base's im2col columns (one im2col per image for all).
+    ctx.image_wise = false;
+    if constexpr (base_per_image) {
+      if (image_wise_ready(ctx, xin, y)) {
+        ctx.image_wise = true;
+        each_kind([&](auto& bank, auto& bctx, const auto& active) {
+          if constexpr (requires { bank.image_begin(bctx, ctx.base.scratch, active, xin, training_, ctx.seed, 0); })
+            bank.image_begin(bctx, ctx.base.scratch, active, xin, training_, ctx.seed, 0);
+        }, ctx);
+        const Index o = base_.geometry().out_channels, p = base_.geometry().positions();
+        base_.forward_into(ctx.base, xin, y, [&](Index n, ConstMatrixView<T> cols) {
+          const MatrixView<T> yn = Base::image(y, n, o, p);
+          each_kind([&](auto& bank, auto& bctx, const auto&) {
+            if constexpr (requires { bank.image_forward(bctx, ctx.base.scratch, n, cols, yn); }) bank.image_forward(bctx, ctx.base.scratch, n, cols, yn);
+          }, ctx);
+        });
+      }
+    }
+    if (!ctx.image_wise) {
+      base_.forward_into(ctx.base, xin, y);
+      each_kind([&](auto& bank, auto& bctx, const auto& active) {
+        if constexpr (requires { bank.forward(bctx, ctx.base.scratch, active, xin, y, training_, ctx.seed, 0); })
+          bank.forward(bctx, ctx.base.scratch, active, xin, y, training_, ctx.seed, 0);
+      }, ctx);
+    }
     ctx.base.x = xin;
     ctx.base.has_forward = true;
-    // 3. additive adapters (LoRA, ...) add their deltas
-    each_kind([&](auto& bank, auto& bctx, const auto& active) {
-      if constexpr (requires { bank.forward(bctx, ctx.base.scratch, active, xin, y, training_, ctx.seed, 0); })
-        bank.forward(bctx, ctx.base.scratch, active, xin, y, training_, ctx.seed, 0);
-    }, ctx);
     // 4. output-scaling adapters ((IA)³) scale the sum
     each_kind([&](auto& bank, auto& bctx, const auto& active) {
       if constexpr (requires { bank.post_forward(bctx, active, y); }) bank.post_forward(bctx, active, y);
@@ -376,17 +396,43 @@ class Adapted {
       if constexpr (requires { bank.base_output_grad(bctx, dybase); }) dybase = bank.base_output_grad(bctx, dybase);
     }, ctx);
     const bool base_accumulates = !scaled_input && input == GradMode::accumulate;
-    base_.backward_input(ctx.base, dybase, dxin, base_accumulates ? T(1) : T(0));
-    if (base_.requires_grad()) base_.backward_params(ctx.base, ctx.base.x, dybase, params == GradMode::accumulate ? T(1) : T(0));
+    const T input_beta = base_accumulates ? T(1) : T(0), params_beta = params == GradMode::accumulate ? T(1) : T(0);
     if (params == GradMode::overwrite)  // the contract: overwrite assigns every adapter gradient, also of those that did not run
       each_kind([&](auto& bank, auto& bctx, const auto&) {
         for (std::size_t s = 0; s < bank.size(); ++s)
           if (std::find(bctx.ran.begin(), bctx.ran.end(), int(s)) == bctx.ran.end()) bank.zero_grad(int(s));
       }, ctx);
-    each_kind([&](auto& bank, auto& bctx, const auto&) {
-      if constexpr (requires { bank.backward(bctx, ctx.base.scratch, ctx.base.x, dyin, dxin, params, ctx.seed); })
-        bank.backward(bctx, ctx.base.scratch, ctx.base.x, dyin, dxin, params, ctx.seed);
-    }, ctx);
+    if constexpr (base_per_image) {
+      if (ctx.image_wise) {
+        // one pass over the images: one im2col for every parameter gradient that needs columns, the base's and the
+        // adapters' input gradients summed in one dcols, one col2im
+        bool need_cols = false;
+        each_kind([&](auto& bank, auto& bctx, const auto&) {
+          if constexpr (requires { bank.image_needs_columns(bctx); }) need_cols = need_cols || bank.image_needs_columns(bctx);
+        }, ctx);
+        const Index o = base_.geometry().out_channels, p = base_.geometry().positions();
+        base_.backward_images(ctx.base, ctx.base.x, dybase, dxin, input_beta, params_beta, need_cols,
+                              [&](Index n, ConstMatrixView<T> cols, MatrixView<T> dcols, bool first) {
+                                const ConstMatrixView<T> dyn = Base::image(dyin, n, o, p);
+                                each_kind([&](auto& bank, auto& bctx, const auto&) {
+                                  if constexpr (requires { bank.image_backward(bctx, ctx.base.scratch, n, first, cols, dyn, dcols, params); })
+                                    bank.image_backward(bctx, ctx.base.scratch, n, first, cols, dyn, dcols, params);
+                                }, ctx);
+                              });
+        each_kind([&](auto& bank, auto& bctx, const auto&) {
+          if constexpr (requires { bank.image_end(bctx, ctx.base.scratch, dxin, dy.rows, params, ctx.seed); })
+            bank.image_end(bctx, ctx.base.scratch, dxin, dy.rows, params, ctx.seed);
+        }, ctx);
+      }
+    }
+    if (!ctx.image_wise) {
+      base_.backward_input(ctx.base, dybase, dxin, input_beta);
+      if (base_.requires_grad()) base_.backward_params(ctx.base, ctx.base.x, dybase, params_beta);
+      each_kind([&](auto& bank, auto& bctx, const auto&) {
+        if constexpr (requires { bank.backward(bctx, ctx.base.scratch, ctx.base.x, dyin, dxin, params, ctx.seed); })
+          bank.backward(bctx, ctx.base.scratch, ctx.base.x, dyin, dxin, params, ctx.seed);
+      }, ctx);
+    }
     each_kind([&](auto& bank, auto& bctx, const auto&) {
       if constexpr (requires { bank.pre_backward(bctx, dx, input, params); }) bank.pre_backward(bctx, dx, input, params);
     }, ctx);
@@ -636,6 +682,21 @@ class Adapted {
   template <class F>
   void each_kind(F&& f, Context& ctx) {
     detail::for_each_index([&](auto k) { f(std::get<k>(banks_), std::get<k>(ctx.banks), active_slots_[k]); }, std::index_sequence_for<Kinds...>{});
+  }
+
+  static constexpr bool base_per_image = requires { Base::per_image; };
+
+  /// Whether forward can run every additive bank on the base's columns (each has the per-image steps and accepts its
+  /// active slots; banks that scale the layer, such as (IA)³, keep their own steps around it).
+  bool image_wise_ready(Context& ctx, ConstMatrixView<T> x, MatrixView<T> y) {
+    bool ok = true;
+    each_kind([&](auto& bank, auto& bctx, const auto& active) {
+      if constexpr (requires { bank.forward(bctx, ctx.base.scratch, active, x, y, training_, ctx.seed, 0); }) {
+        if constexpr (requires { bank.image_ready(active); }) ok = ok && bank.image_ready(active);
+        else ok = false;
+      }
+    }, ctx);
+    return ok;
   }
 
   /// Recomputes the slots each kind runs in forward: active, enabled and not merged.

@@ -161,6 +161,7 @@ struct DeltaOps<Conv2d<T, Backend>> {
   struct State {
     Conv2dGeometry geo;  ///< the base's geometry when the context was made
     typename Backend::template buffer<T> cols;  ///< one image's columns [C·kh·kw, Ho·Wo] (also the col2im input)
+    typename Backend::template buffer<T> grad_sum;  ///< on the base's columns: Σ_n dy_n cols(x_n)ᵀ [O, C·kh·kw], shared by the slots
   };
 
   static Index rows(const base_type& b) { return b.geometry().out_channels; }
@@ -170,6 +171,7 @@ struct DeltaOps<Conv2d<T, Backend>> {
     st.geo = b.geometry();
     const Index k = st.geo.patch(), p = st.geo.positions(), o = st.geo.out_channels;
     st.cols.resize(std::size_t(k * p));
+    st.grad_sum.resize(std::size_t(o * k));
     scratch.reserve_gemm(o, p, k);  // ΔW · cols
     scratch.reserve_gemm(o, k, p);  // dy_n · colsᵀ
     scratch.reserve_gemm(k, p, o);  // ΔWᵀ · dy_n
@@ -200,6 +202,59 @@ struct DeltaOps<Conv2d<T, Backend>> {
     for (Index n = 0; n < dy.rows; ++n) {
       Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), delta, base_type::image(dy, n, o, p), T(0), dcols);
       Backend::col2im(st.geo, ConstMatrixView<T>(dcols), T(1), dx.data + n * dx.stride);
+    }
+  }
+};
+
+/// The steps of a bank that materialises ΔW per slot (LoHa, LoKr; flat and CP forms) on the columns of an
+/// Adapted<Conv2d, ...>'s base (one im2col per image for the base and every slot): per image, y_n += ΔW·cols
+/// for every slot that ran; in backward ∂L/∂ΔW = Σ_n dy_n cols(x_n)ᵀ summed once for all the bank's slots
+/// (into the Conv2d DeltaOps state) and ΔWᵀ·dy_n added to the base's dcols; `end` then hands every trainable
+/// slot s·∂L/∂ΔW. The bank's Context has `ran`, `skipped`, `slots[i].delta`, `grad_delta` and `op`.
+template <class T, class Backend>
+struct DeltaImageSteps {
+  using Scratch = typename Backend::template GemmScratch<T>;
+
+  template <class Ctx, class Adapters>
+  static void forward(const Adapters& ads, Ctx& ctx, Scratch& scratch, ConstMatrixView<T> cols, MatrixView<T> yn) {
+    for (int slot : ctx.ran) {
+      const auto& a = ads[std::size_t(slot)];
+      Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), ConstMatrixView<T>(ctx.slots[std::size_t(slot)].delta.view(a.rows, a.cols)),
+                                                   cols, T(1), yn);
+    }
+  }
+  template <class Ctx, class Adapters>
+  static bool needs_columns(const Adapters& ads, const Ctx& ctx) {
+    return std::any_of(ctx.ran.begin(), ctx.ran.end(), [&](int slot) { return ads[std::size_t(slot)].requires_grad; });
+  }
+  template <class Ctx, class Adapters>
+  static void backward(const Adapters& ads, Ctx& ctx, Scratch& scratch, bool first, ConstMatrixView<T> cols, ConstMatrixView<T> dyn,
+                       MatrixView<T> dcols) {
+    if (ctx.ran.empty()) return;
+    if (needs_columns(ads, ctx))
+      Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), dyn, cols, first ? T(0) : T(1), ctx.op.grad_sum.view(dyn.rows, cols.rows));
+    if (dcols.empty()) return;
+    for (int slot : ctx.ran) {
+      const auto& a = ads[std::size_t(slot)];
+      Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), ConstMatrixView<T>(ctx.slots[std::size_t(slot)].delta.view(a.rows, a.cols)),
+                                                    dyn, T(1), dcols);
+    }
+  }
+  /// slot_grads(slot, g, beta): the bank's factor gradients from g = s·∂L/∂ΔW (rank-dropout mask not yet applied).
+  template <class Ctx, class Adapters, class SlotGrads>
+  static void end(Adapters& ads, Ctx& ctx, GradMode mode, Index rows, SlotGrads&& slot_grads) {
+    const T beta = mode == GradMode::accumulate ? T(1) : T(0);
+    for (int slot : ctx.skipped) {
+      auto& a = ads[std::size_t(slot)];
+      if (a.requires_grad && mode == GradMode::overwrite) a.zero_grad();
+    }
+    for (int slot : ctx.ran) {
+      auto& a = ads[std::size_t(slot)];
+      if (!a.requires_grad) continue;
+      auto g = ctx.grad_delta.view(a.rows, a.cols);
+      if (rows == 0) Backend::fill(g, T(0));
+      else Backend::axpby(a.scaling, ConstMatrixView<T>(ctx.op.grad_sum.view(a.rows, a.cols)), T(0), g);
+      slot_grads(slot, g, beta);
     }
   }
 };
@@ -488,6 +543,8 @@ class LohaBankImpl {
   template <class U>
   using buffer = typename Backend::template buffer<U>;
   static constexpr std::uint64_t stream_tag = 0x4C6F4861;  // "LoHa"
+  static constexpr bool is_conv = std::is_same_v<Base, Conv2d<T, Backend>>;
+  using steps = DeltaImageSteps<T, Backend>;
 
   struct Context {
     struct Slot {
@@ -551,26 +608,10 @@ class LohaBankImpl {
   /// masks the rows of ΔW, with masks drawn from (seed, stream).
   void forward(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T> x, MatrixView<T> y, bool dropout_on,
                std::uint64_t seed, std::uint64_t stream0) const {
-    ctx.ran.clear();
-    ctx.skipped.clear();
-    for (int slot : active) {
+    prepare(ctx, scratch, active, dropout_on, seed, stream0);
+    for (int slot : ctx.ran) {
       const auto& a = adapters_[std::size_t(slot)];
-      if (dropout_on && detail::lycoris::module_dropped(a.config.module_dropout, seed, detail::lycoris::module_stream(stream_tag, stream0, slot))) {
-        ctx.skipped.push_back(slot);
-        continue;
-      }
-      ctx.ran.push_back(slot);
-      auto& s = ctx.slots[std::size_t(slot)];
-      auto delta = s.delta.view(a.rows, a.cols);
-      if (a.cp) a.delta_cp(scratch, a.scaling, delta, ctx.temp.view(a.rows, a.cols), s.u1.view(a.r, a.cols), s.u2.view(a.r, a.cols));
-      else a.delta(scratch, a.scaling, delta, ctx.temp.view(a.rows, a.cols));
-      s.masked = dropout_on && a.config.rank_dropout > 0;
-      if (s.masked) {
-        detail::lycoris::rank_dropout_mask(s.mask.data(), a.rows, a.config.rank_dropout, /*rescale=*/true, seed,
-                                           detail::lycoris::rank_stream(stream_tag, stream0, slot));
-        detail::lycoris::scale_rows(delta, s.mask.data());
-      }
-      ops::forward(ctx.op, scratch, ConstMatrixView<T>(delta), x, y);
+      ops::forward(ctx.op, scratch, ConstMatrixView<T>(ctx.slots[std::size_t(slot)].delta.view(a.rows, a.cols)), x, y);
     }
   }
 
@@ -589,15 +630,28 @@ class LohaBankImpl {
       if (a.requires_grad) {
         auto g = ctx.grad_delta.view(a.rows, a.cols);
         ops::grad(ctx.op, scratch, a.scaling, x, dy, g);  // s · ∂L/∂ΔW
-        if (s.masked) detail::lycoris::scale_rows(g, s.mask.data());
-        if (a.cp)
-          a.factor_grads_cp(scratch, ConstMatrixView<T>(g), ctx.temp.view(a.rows, a.cols), ConstMatrixView<T>(s.u1.view(a.r, a.cols)),
-                            ConstMatrixView<T>(s.u2.view(a.r, a.cols)), ctx.du.view(a.r, a.cols), beta);
-        else
-          a.factor_grads(scratch, ConstMatrixView<T>(g), ctx.temp.view(a.rows, a.cols), beta);
+        slot_grads(ctx, scratch, slot, g, beta);
       }
       if (!dx.empty()) ops::input_grad(ctx.op, scratch, ConstMatrixView<T>(s.delta.view(a.rows, a.cols)), dy, dx);
     }
+  }
+
+  // ---- on the base's columns (Adapted<Conv2d, ...>; see DeltaImageSteps) ----------------------------------------
+  bool image_ready(const std::vector<int>&) const requires is_conv { return true; }
+  void image_begin(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T>, bool dropout_on, std::uint64_t seed,
+                   std::uint64_t stream0) const requires is_conv {
+    prepare(ctx, scratch, active, dropout_on, seed, stream0);
+  }
+  void image_forward(Context& ctx, Scratch& scratch, Index, ConstMatrixView<T> cols, MatrixView<T> yn) const requires is_conv {
+    steps::forward(adapters_, ctx, scratch, cols, yn);
+  }
+  bool image_needs_columns(const Context& ctx) const requires is_conv { return steps::needs_columns(adapters_, ctx); }
+  void image_backward(Context& ctx, Scratch& scratch, Index, bool first, ConstMatrixView<T> cols, ConstMatrixView<T> dyn, MatrixView<T> dcols,
+                      GradMode) requires is_conv {
+    steps::backward(adapters_, ctx, scratch, first, cols, dyn, dcols);
+  }
+  void image_end(Context& ctx, Scratch& scratch, MatrixView<T>, Index rows, GradMode mode, std::uint64_t) requires is_conv {
+    steps::end(adapters_, ctx, mode, rows, [&](int slot, MatrixView<T> g, T beta) { slot_grads(ctx, scratch, slot, g, beta); });
   }
 
   /// W += sign · ΔW in the base weight's layout (the bias is unchanged, as in PEFT).
@@ -646,6 +700,42 @@ class LohaBankImpl {
   void zero_grad(int slot) { adapters_[std::size_t(slot)].zero_grad(); }
 
  private:
+
+  /// The slots that run (module dropout) and their ΔW (scaled, rank-dropout rows masked) in the context.
+  void prepare(Context& ctx, Scratch& scratch, const std::vector<int>& active, bool dropout_on, std::uint64_t seed, std::uint64_t stream0) const {
+    ctx.ran.clear();
+    ctx.skipped.clear();
+    for (int slot : active) {
+      const auto& a = adapters_[std::size_t(slot)];
+      if (dropout_on && detail::lycoris::module_dropped(a.config.module_dropout, seed, detail::lycoris::module_stream(stream_tag, stream0, slot))) {
+        ctx.skipped.push_back(slot);
+        continue;
+      }
+      ctx.ran.push_back(slot);
+      auto& s = ctx.slots[std::size_t(slot)];
+      auto delta = s.delta.view(a.rows, a.cols);
+      if (a.cp) a.delta_cp(scratch, a.scaling, delta, ctx.temp.view(a.rows, a.cols), s.u1.view(a.r, a.cols), s.u2.view(a.r, a.cols));
+      else a.delta(scratch, a.scaling, delta, ctx.temp.view(a.rows, a.cols));
+      s.masked = dropout_on && a.config.rank_dropout > 0;
+      if (s.masked) {
+        detail::lycoris::rank_dropout_mask(s.mask.data(), a.rows, a.config.rank_dropout, /*rescale=*/true, seed,
+                                           detail::lycoris::rank_stream(stream_tag, stream0, slot));
+        detail::lycoris::scale_rows(delta, s.mask.data());
+      }
+    }
+  }
+  /// A slot's factor gradients (per beta) from g = s·∂L/∂ΔW; applies the rank-dropout mask to g first.
+  void slot_grads(Context& ctx, Scratch& scratch, int slot, MatrixView<T> g, T beta) {
+    auto& a = adapters_[std::size_t(slot)];
+    auto& s = ctx.slots[std::size_t(slot)];
+    if (s.masked) detail::lycoris::scale_rows(g, s.mask.data());
+    if (a.cp)
+      a.factor_grads_cp(scratch, ConstMatrixView<T>(g), ctx.temp.view(a.rows, a.cols), ConstMatrixView<T>(s.u1.view(a.r, a.cols)),
+                        ConstMatrixView<T>(s.u2.view(a.r, a.cols)), ctx.du.view(a.r, a.cols), beta);
+    else
+      a.factor_grads(scratch, ConstMatrixView<T>(g), ctx.temp.view(a.rows, a.cols), beta);
+  }
+
   std::vector<adapter_type> adapters_;
 };
 

@@ -418,6 +418,8 @@ class LokrBankImpl {
   template <class U>
   using buffer = typename Backend::template buffer<U>;
   static constexpr std::uint64_t stream_tag = 0x4C6F4B72;  // "LoKr"
+  static constexpr bool is_conv = std::is_same_v<Base, Conv2d<T, Backend>>;
+  using steps = detail::lycoris::DeltaImageSteps<T, Backend>;
 
   struct Context {
     struct Slot {
@@ -482,26 +484,10 @@ class LokrBankImpl {
   /// y += Σ_{active} x ΔWᵀ (Linear) or conv(x, ΔW) (Conv2d), with module and rank dropout in train mode.
   void forward(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T> x, MatrixView<T> y, bool dropout_on,
                std::uint64_t seed, std::uint64_t stream0) const {
-    ctx.ran.clear();
-    ctx.skipped.clear();
-    for (int slot : active) {
+    prepare(ctx, scratch, active, dropout_on, seed, stream0);
+    for (int slot : ctx.ran) {
       const auto& a = adapters_[std::size_t(slot)];
-      if (dropout_on && detail::lycoris::module_dropped(a.config.module_dropout, seed, detail::lycoris::module_stream(stream_tag, stream0, slot))) {
-        ctx.skipped.push_back(slot);
-        continue;
-      }
-      ctx.ran.push_back(slot);
-      auto& s = ctx.slots[std::size_t(slot)];
-      const auto b1 = block1(a, s, scratch), b2 = block2(a, s, scratch);
-      auto delta = s.delta.view(a.rows, a.cols);
-      detail::lokr::kron(a.scaling, b1, b2, T(0), delta, false);
-      s.masked = dropout_on && a.config.rank_dropout > 0;
-      if (s.masked) {
-        detail::lycoris::rank_dropout_mask(s.mask.data(), a.rows, a.config.rank_dropout, a.config.rank_dropout_scale, seed,
-                                           detail::lycoris::rank_stream(stream_tag, stream0, slot));
-        detail::lycoris::scale_rows(delta, s.mask.data());
-      }
-      ops::forward(ctx.op, scratch, ConstMatrixView<T>(delta), x, y);
+      ops::forward(ctx.op, scratch, ConstMatrixView<T>(ctx.slots[std::size_t(slot)].delta.view(a.rows, a.cols)), x, y);
     }
   }
 
@@ -517,21 +503,31 @@ class LokrBankImpl {
     for (int slot : ctx.ran) {
       auto& a = adapters_[std::size_t(slot)];
       auto& s = ctx.slots[std::size_t(slot)];
-      const auto& l = a.layout;
       if (a.requires_grad) {
         auto g = ctx.grad_delta.view(a.rows, a.cols);
         ops::grad(ctx.op, scratch, a.scaling, x, dy, g);  // s · ∂L/∂ΔW
-        if (s.masked) detail::lycoris::scale_rows(g, s.mask.data());
-        // the blocks as forward used them (the products of low-rank blocks are kept in the context)
-        const ConstMatrixView<T> b1 = l.full_w1 ? a.lokr_w1() : ConstMatrixView<T>(s.w1.view(l.out_l, l.in_m));
-        const ConstMatrixView<T> b2 = l.full_w2 ? a.lokr_w2() : ConstMatrixView<T>(s.w2.view(l.out_k, a.w2_cols()));
-        a.factor_grads(scratch, ConstMatrixView<T>(g), b1, b2, l.full_w1 ? MatrixView<T>{} : ctx.gw1.view(l.out_l, l.in_m),
-                       l.full_w2 ? MatrixView<T>{} : ctx.gw2.view(l.out_k, a.w2_cols()), beta,
-                       a.cp() ? ConstMatrixView<T>(s.u.view(a.r, a.w2_cols())) : ConstMatrixView<T>{},
-                       a.cp() ? ctx.du.view(a.r, a.w2_cols()) : MatrixView<T>{});
+        slot_grads(ctx, scratch, slot, g, beta);
       }
       if (!dx.empty()) ops::input_grad(ctx.op, scratch, ConstMatrixView<T>(s.delta.view(a.rows, a.cols)), dy, dx);
     }
+  }
+
+  // ---- on the base's columns (Adapted<Conv2d, ...>; see detail::lycoris::DeltaImageSteps) -------------------------
+  bool image_ready(const std::vector<int>&) const requires is_conv { return true; }
+  void image_begin(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T>, bool dropout_on, std::uint64_t seed,
+                   std::uint64_t stream0) const requires is_conv {
+    prepare(ctx, scratch, active, dropout_on, seed, stream0);
+  }
+  void image_forward(Context& ctx, Scratch& scratch, Index, ConstMatrixView<T> cols, MatrixView<T> yn) const requires is_conv {
+    steps::forward(adapters_, ctx, scratch, cols, yn);
+  }
+  bool image_needs_columns(const Context& ctx) const requires is_conv { return steps::needs_columns(adapters_, ctx); }
+  void image_backward(Context& ctx, Scratch& scratch, Index, bool first, ConstMatrixView<T> cols, ConstMatrixView<T> dyn, MatrixView<T> dcols,
+                      GradMode) requires is_conv {
+    steps::backward(adapters_, ctx, scratch, first, cols, dyn, dcols);
+  }
+  void image_end(Context& ctx, Scratch& scratch, MatrixView<T>, Index rows, GradMode mode, std::uint64_t) requires is_conv {
+    steps::end(adapters_, ctx, mode, rows, [&](int slot, MatrixView<T> g, T beta) { slot_grads(ctx, scratch, slot, g, beta); });
   }
 
   /// W += sign · ΔW in the base weight's layout (the bias is unchanged, as in PEFT).
@@ -575,6 +571,43 @@ class LokrBankImpl {
   void zero_grad(int slot) { adapters_[std::size_t(slot)].zero_grad(); }
 
  private:
+  /// The slots that run (module dropout) and their ΔW (scaled, rank-dropout rows masked) in the context.
+  void prepare(Context& ctx, Scratch& scratch, const std::vector<int>& active, bool dropout_on, std::uint64_t seed, std::uint64_t stream0) const {
+    ctx.ran.clear();
+    ctx.skipped.clear();
+    for (int slot : active) {
+      const auto& a = adapters_[std::size_t(slot)];
+      if (dropout_on && detail::lycoris::module_dropped(a.config.module_dropout, seed, detail::lycoris::module_stream(stream_tag, stream0, slot))) {
+        ctx.skipped.push_back(slot);
+        continue;
+      }
+      ctx.ran.push_back(slot);
+      auto& s = ctx.slots[std::size_t(slot)];
+      const auto b1 = block1(a, s, scratch), b2 = block2(a, s, scratch);
+      auto delta = s.delta.view(a.rows, a.cols);
+      detail::lokr::kron(a.scaling, b1, b2, T(0), delta, false);
+      s.masked = dropout_on && a.config.rank_dropout > 0;
+      if (s.masked) {
+        detail::lycoris::rank_dropout_mask(s.mask.data(), a.rows, a.config.rank_dropout, a.config.rank_dropout_scale, seed,
+                                           detail::lycoris::rank_stream(stream_tag, stream0, slot));
+        detail::lycoris::scale_rows(delta, s.mask.data());
+      }
+    }
+  }
+  /// A slot's gradients (per beta) from g = s·∂L/∂ΔW; applies the rank-dropout mask to g first.
+  void slot_grads(Context& ctx, Scratch& scratch, int slot, MatrixView<T> g, T beta) {
+    auto& a = adapters_[std::size_t(slot)];
+    auto& s = ctx.slots[std::size_t(slot)];
+    const auto& l = a.layout;
+    if (s.masked) detail::lycoris::scale_rows(g, s.mask.data());
+    // the blocks as forward used them (the products of low-rank blocks are kept in the context)
+    const ConstMatrixView<T> b1 = l.full_w1 ? a.lokr_w1() : ConstMatrixView<T>(s.w1.view(l.out_l, l.in_m));
+    const ConstMatrixView<T> b2 = l.full_w2 ? a.lokr_w2() : ConstMatrixView<T>(s.w2.view(l.out_k, a.w2_cols()));
+    a.factor_grads(scratch, ConstMatrixView<T>(g), b1, b2, l.full_w1 ? MatrixView<T>{} : ctx.gw1.view(l.out_l, l.in_m),
+                   l.full_w2 ? MatrixView<T>{} : ctx.gw2.view(l.out_k, a.w2_cols()), beta,
+                   a.cp() ? ConstMatrixView<T>(s.u.view(a.r, a.w2_cols())) : ConstMatrixView<T>{},
+                   a.cp() ? ctx.du.view(a.r, a.w2_cols()) : MatrixView<T>{});
+  }
   static ConstMatrixView<T> block1(const adapter_type& a, typename Context::Slot& s, Scratch& scratch) {
     return a.block1(scratch, a.layout.full_w1 ? MatrixView<T>{} : s.w1.view(a.layout.out_l, a.layout.in_m));
   }

@@ -202,6 +202,143 @@ class LoraBank<Conv2d<T, Backend>> {
     }
   }
 
+  // ---- on the base's columns (Adapted<Conv2d, ...>: one im2col per image for the base and every slot) ----------
+  // The same math as forward/backward above, image by image: a slot with dropout active makes its own columns of
+  // dropout(x) in this context's buffers; a DoRA slot's terms are per image too (its gains depend on the weights
+  // only), applied to the running output of image n when the slot's turn comes.
+
+  bool image_ready(const std::vector<int>&) const { return true; }
+  /// Before the base's pass over the images: the slots that run, dropout(x) for those with dropout active, and the
+  /// DoRA gains.
+  void image_begin(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T> x, bool dropout_on, std::uint64_t seed,
+                   std::uint64_t stream0) const {
+    ctx.ran.assign(active.begin(), active.end());
+    for (int slot : active) {
+      const auto& a = adapters_[std::size_t(slot)];
+      auto& s = ctx.slots[std::size_t(slot)];
+      s.dropped = dropout_on && a.config.lora_dropout > 0;
+      if (s.dropped) {
+        s.stream = stream0 + std::uint64_t(slot);
+        Backend::dropout(x, s.xd.view(x.rows, x.cols), a.config.lora_dropout, seed, s.stream);
+      }
+      if (a.dora()) dora_gains(ctx, s, scratch, a, bound_base("forward"));
+    }
+  }
+  /// Image n: y_n += s · B · (A · cols) (+ s·b_B) for every slot, cols the base's columns of x_n; DoRA slots as
+  /// in the file comment, on image n.
+  void image_forward(Context& ctx, Scratch& scratch, Index n, ConstMatrixView<T> cols, MatrixView<T> yn) const {
+    const Index o = ctx.geo.out_channels, p = ctx.geo.positions();
+    for (int slot : ctx.ran) {
+      const auto& a = adapters_[std::size_t(slot)];
+      auto& s = ctx.slots[std::size_t(slot)];
+      const auto c = slot_columns(ctx, s, n, cols);
+      auto t = MatrixView<T>(s.t.data() + n * a.r * p, a.r, p);
+      Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), a.A(), c, T(0), t);
+      if (!a.dora()) {
+        Backend::template gemm<Trans::no, Trans::no>(scratch, a.scaling, a.B(), ConstMatrixView<T>(t), T(1), yn);
+        if (a.config.lora_bias) Backend::add_col_vector(yn, a.bias.data(), a.scaling);
+        continue;
+      }
+      const base_type& base = bound_base("forward");
+      auto ln = MatrixView<T>(ctx.work0.data() + n * o * p, o, p);
+      Backend::template gemm<Trans::no, Trans::no>(scratch, a.scaling, a.B(), ConstMatrixView<T>(t), T(0), ln);
+      if (a.config.lora_bias) Backend::add_col_vector(ln, a.bias.data(), a.scaling);
+      auto qn = MatrixView<T>(s.q.data() + n * o * p, o, p);
+      if (s.dropped) {  // conv(dropout(x), W), without the bias
+        Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), base.weight(), c, T(0), qn);
+      } else {  // the running output of image n minus the base bias
+        Backend::copy(ConstMatrixView<T>(yn), qn);
+        if (base.has_bias()) Backend::add_col_vector(qn, base.bias().data, T(-1));
+      }
+      const auto flat = [&](auto v) { return decltype(v)(v.data, 1, o * p); };
+      Backend::add_scaled_cols(ConstMatrixView<T>(flat(qn)), s.scale_m1_x.data(), T(1), flat(yn));
+      Backend::add_scaled_cols(ConstMatrixView<T>(flat(ln)), s.scale_x.data(), T(1), flat(yn));
+      Backend::axpby(T(1), ConstMatrixView<T>(ln), T(1), qn);
+    }
+  }
+  /// Whether image_backward needs the base's columns (a trainable slot without dropout ran).
+  bool image_needs_columns(const Context& ctx) const {
+    return std::any_of(ctx.ran.begin(), ctx.ran.end(), [&](int slot) {
+      return adapters_[std::size_t(slot)].requires_grad && !ctx.slots[std::size_t(slot)].dropped;
+    });
+  }
+  /// Image n of backward, the slots last first with the running-output gradient d_n (as backward above): the
+  /// parameter gradients (per `mode` on the first image processed), and the input gradient added to the base's
+  /// dcols (a slot with dropout: col2im into d(dropout(x)), masked in image_end).
+  void image_backward(Context& ctx, Scratch& scratch, Index n, bool first, ConstMatrixView<T> cols, ConstMatrixView<T> dyn,
+                      MatrixView<T> dcols, GradMode mode) {
+    const Index k = ctx.geo.patch(), p = ctx.geo.positions(), o = ctx.geo.out_channels;
+    const T b = first && mode == GradMode::overwrite ? T(0) : T(1);
+    const auto flat = [&](auto v) { return decltype(v)(v.data, 1, o * p); };
+    ConstMatrixView<T> d = dyn;  // gradient w.r.t. image n of the running output after the slot being processed
+    MatrixView<T> d_buf;         // where d lives once a DoRA slot without dropout has scaled it
+    for (auto it = ctx.ran.rbegin(); it != ctx.ran.rend(); ++it) {
+      const int slot = *it;
+      auto& a = adapters_[std::size_t(slot)];
+      auto& s = ctx.slots[std::size_t(slot)];
+      ConstMatrixView<T> dl = d;  // upstream gradient of this slot's s·B·A branch
+      MatrixView<T> gd;
+      if (a.dora()) {
+        gd = MatrixView<T>((d_buf.data == ctx.work0.data() + n * o * p ? ctx.work1 : ctx.work0).data() + n * o * p, o, p);
+        Backend::add_scaled_cols(flat(d), s.scale_x.data(), T(0), flat(gd));  // g ⊙ d
+        dl = gd;
+        if (a.requires_grad) {  // dm_c += Σ_p d ⊙ q / norm_c
+          Backend::sum_rows_mul(flat(d), ConstMatrixView<T>(s.q.data() + n * o * p, 1, o * p), ctx.vec.data(), T(1), T(0));
+          Backend::sum_cols(ConstMatrixView<T>(ctx.vec.view(o, p)), ctx.vec.data(), T(1), T(0));  // in place, as backward
+          auto v = ctx.vec.view(1, o);
+          Backend::div(ConstMatrixView<T>(v), ConstMatrixView<T>(s.norm.view(1, o)), v);
+          Backend::axpby(T(1), ConstMatrixView<T>(v), b, a.grad_M());
+        }
+      }
+      base_type* base = a.dora() ? &bound_base("backward") : nullptr;
+      const bool base_term = a.dora() && s.dropped;  // (g − 1) ⊙ conv(dropout(x), W)
+      const bool need_c = a.requires_grad || (base_term && base->requires_grad());
+      const auto c = need_c ? slot_columns(ctx, s, n, cols) : ConstMatrixView<T>{};
+      auto g = ctx.g.view(a.r, p);
+      Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), a.B(), dl, T(0), g);  // g = Bᵀ dl_n
+      if (a.requires_grad) {
+        const auto t = ConstMatrixView<T>(s.t.data() + n * a.r * p, a.r, p);
+        Backend::template gemm<Trans::no, Trans::yes>(scratch, a.scaling, dl, t, b, a.grad_B());
+        Backend::template gemm<Trans::no, Trans::yes>(scratch, a.scaling, ConstMatrixView<T>(g), c, b, a.grad_A());
+        if (a.config.lora_bias) Backend::sum_cols(dl, a.grad_bias.data(), a.scaling, b);
+      }
+      if (!s.dropped) {
+        if (!dcols.empty()) Backend::template gemm<Trans::yes, Trans::no>(scratch, a.scaling, a.A(), ConstMatrixView<T>(g), T(1), dcols);
+      } else {
+        auto own = ctx.dcols.view(k, p);
+        if (!dcols.empty()) Backend::template gemm<Trans::yes, Trans::no>(scratch, a.scaling, a.A(), ConstMatrixView<T>(g), T(0), own);
+        if (base_term) {  // into d(dropout(x)) and, for a trainable base, dW
+          Backend::add_scaled_cols(flat(d), s.scale_m1_x.data(), T(0), flat(gd));
+          if (!dcols.empty()) Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), ConstMatrixView<T>(base->weight()), ConstMatrixView<T>(gd), T(1), own);
+          if (base->requires_grad()) Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), ConstMatrixView<T>(gd), c, T(1), base->weight_grad());
+        }
+        if (!dcols.empty()) Backend::col2im(ctx.geo, ConstMatrixView<T>(own), T(0), s.dxd.data() + n * ctx.geo.in_size());
+      }
+      if (a.dora() && !s.dropped) {  // the gradient reaching the earlier output is g ⊙ d
+        d = gd;
+        d_buf = gd;
+      }
+    }
+    if (d_buf.data && !ctx.base_grad_given) {
+      // the base fed an output that DoRA rescaled: add (d − dy_n) through W (the bias is not rescaled)
+      base_type& base = bound_base("backward");
+      Backend::axpby(T(-1), dyn, T(1), d_buf);
+      if (!dcols.empty()) Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), ConstMatrixView<T>(base.weight()), ConstMatrixView<T>(d_buf), T(1), dcols);
+      if (base.requires_grad()) Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), ConstMatrixView<T>(d_buf), cols, T(1), base.weight_grad());
+    }
+  }
+  /// After the base's pass: dx += dropout mask ⊙ d(dropout(x)) for the slots with dropout.
+  void image_end(Context& ctx, Scratch&, MatrixView<T> dx, Index, GradMode, std::uint64_t seed) {
+    if (dx.empty()) return;
+    for (int slot : ctx.ran) {
+      auto& s = ctx.slots[std::size_t(slot)];
+      if (!s.dropped) continue;
+      auto dxd = s.dxd.view(dx.rows, dx.cols);
+      Backend::dropout(ConstMatrixView<T>(dxd), dxd, adapters_[std::size_t(slot)].config.lora_dropout, seed, s.stream);  // the same mask
+      Backend::axpby(T(1), ConstMatrixView<T>(dxd), T(1), dx);
+    }
+  }
+
   /// Backward of the slots that ran, last first, with the running-output gradient d (as LoRA's Linear bank).
   void backward(Context& ctx, Scratch& scratch, ConstMatrixView<T> x, ConstMatrixView<T> dy, MatrixView<T> dx, GradMode mode, std::uint64_t seed) {
     const auto& geo = ctx.geo;
@@ -312,16 +449,30 @@ class LoraBank<Conv2d<T, Backend>> {
     return *base_;
   }
 
-  /// One DoRA slot's forward, after the loop over images left s·lora in ctx.work0 (and conv(xd, W) in q when
-  /// dropped): norm, gains, q, and y += (g − 1) ⊙ base term + g ⊙ s·lora.
-  void dora_forward(Context& ctx, typename Context::Slot& s, Scratch& scratch, const adapter_type& a, const base_type& base,
-                    MatrixView<T> y) const {
-    const Index m = y.rows, o = ctx.geo.out_channels, p = ctx.geo.positions();
+  /// The columns slot s reads for image n: the base's, or (dropout active) its own im2col of dropout(x)_n.
+  ConstMatrixView<T> slot_columns(Context& ctx, typename Context::Slot& s, Index n, ConstMatrixView<T> cols) const {
+    if (!s.dropped) return cols;
+    auto own = ctx.cols.view(ctx.geo.patch(), ctx.geo.positions());
+    Backend::im2col(ctx.geo, s.xd.data() + n * ctx.geo.in_size(), own);
+    return own;
+  }
+
+  /// A DoRA slot's norm ‖W + s·B·A‖ per channel and gains g, g − 1 (also repeated over the positions).
+  void dora_gains(Context& ctx, typename Context::Slot& s, Scratch& scratch, const adapter_type& a, const base_type& base) const {
+    const Index o = ctx.geo.out_channels, p = ctx.geo.positions();
     Ops::gains(a, false, base.weight(), scratch, ctx.wblock.data(), s.norm.data(), s.scale.data(), s.scale_m1.data());
     for (Index c = 0; c < o; ++c) {
       Backend::fill(MatrixView<T>(s.scale_x.data() + c * p, 1, p), s.scale[std::size_t(c)]);
       Backend::fill(MatrixView<T>(s.scale_m1_x.data() + c * p, 1, p), s.scale_m1[std::size_t(c)]);
     }
+  }
+
+  /// One DoRA slot's forward, after the loop over images left s·lora in ctx.work0 (and conv(xd, W) in q when
+  /// dropped): norm, gains, q, and y += (g − 1) ⊙ base term + g ⊙ s·lora.
+  void dora_forward(Context& ctx, typename Context::Slot& s, Scratch& scratch, const adapter_type& a, const base_type& base,
+                    MatrixView<T> y) const {
+    const Index m = y.rows, o = ctx.geo.out_channels, p = ctx.geo.positions();
+    dora_gains(ctx, s, scratch, a, base);
     auto q = s.q.view(m, o * p);
     if (!s.dropped) {
       // PEFT passes the running result: the base output and every slot before this one, minus the base bias

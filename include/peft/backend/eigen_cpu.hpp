@@ -11,6 +11,7 @@
 #include <cstring>
 #include <strings.h>
 #include <type_traits>
+#include <utility>
 
 #include "peft/backend/trans.hpp"
 #include "peft/buffer.hpp"
@@ -257,7 +258,17 @@ struct EigenCpu {
       if (ids[i] != skip)
         for (Index k = 0; k < src.cols; ++k) a(k, Index(ids[i])) += alpha * src(i, k);
   }
-  /// cols [C·kh·kw, Ho·Wo] = the patches of one image x [C·H·W] (zero outside the padded border).
+  /// The output columns [lo, hi) whose input column ow·stride − pad + offset lies inside [0, size) (col2im's valid
+  /// range in one kernel row, so that its inner loop needs no bounds test).
+  static std::pair<Index, Index> valid_range(Index out, Index stride, Index pad, Index offset, Index size) {
+    const auto ceil_div = [](Index v, Index d) { return v <= 0 ? -((-v) / d) : (v + d - 1) / d; };
+    const Index lo = std::clamp<Index>(ceil_div(pad - offset, stride), 0, out);
+    const Index hi = std::clamp<Index>(ceil_div(size + pad - offset, stride), lo, out);
+    return {lo, hi};
+  }
+  /// cols [C·kh·kw, Ho·Wo] = the patches of one image x [C·H·W] (zero outside the padded border). The bounds test
+  /// stays in the inner loop: compiled to masked vector loads it beats per-row copies of the valid range (measured
+  /// on the 64×64 UNet shape), whereas col2im below gains from the valid range.
   template <class T>
   static void im2col(const Conv2dGeometry& g, const std::type_identity_t<T>* x, MatrixView<T> cols) {
     const Index ho = g.out_h(), wo = g.out_w();
@@ -284,22 +295,24 @@ struct EigenCpu {
   template <class T>
   static void col2im(const Conv2dGeometry& g, std::type_identity_t<ConstMatrixView<T>> dcols, std::type_identity_t<T> beta, T* dx) {
     const Index n = g.in_size();
-    if (beta == T(0)) for (Index i = 0; i < n; ++i) dx[i] = T(0);
+    if (beta == T(0)) std::fill(dx, dx + n, T(0));
     else if (beta != T(1)) for (Index i = 0; i < n; ++i) dx[i] *= beta;
-    const Index ho = g.out_h(), wo = g.out_w();
+    const Index ho = g.out_h(), wo = g.out_w(), sw = g.stride_w;
     for (Index c = 0; c < g.in_channels; ++c)
       for (Index ki = 0; ki < g.kernel_h; ++ki)
         for (Index kj = 0; kj < g.kernel_w; ++kj) {
           const T* row = dcols.data + ((c * g.kernel_h + ki) * g.kernel_w + kj) * dcols.stride;
+          const Index off = kj * g.dilation_w - g.pad_w;
+          const auto [lo, hi] = valid_range(wo, sw, g.pad_w, kj * g.dilation_w, g.in_w);
           for (Index oh = 0; oh < ho; ++oh) {
             const Index ih = oh * g.stride_h - g.pad_h + ki * g.dilation_h;
             if (ih < 0 || ih >= g.in_h) continue;
             T* out = dx + (c * g.in_h + ih) * g.in_w;
             const T* in = row + oh * wo;
-            for (Index ow = 0; ow < wo; ++ow) {
-              const Index iw = ow * g.stride_w - g.pad_w + kj * g.dilation_w;
-              if (iw >= 0 && iw < g.in_w) out[iw] += in[ow];
-            }
+            if (sw == 1)
+              for (Index ow = lo; ow < hi; ++ow) out[ow + off] += in[ow];
+            else
+              for (Index ow = lo; ow < hi; ++ow) out[ow * sw + off] += in[ow];
           }
         }
   }

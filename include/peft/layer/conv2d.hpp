@@ -30,9 +30,14 @@ class Conv2d {
     ConstMatrixView<T> x;
     bool has_forward = false;
     typename Backend::template GemmScratch<T> scratch;
-    typename Backend::template buffer<T> cols;  ///< im2col of one image, [C·kh·kw, Ho·Wo]
-    Conv2dGeometry geo;                         ///< the geometry the context was made for
+    typename Backend::template buffer<T> cols;   ///< im2col of one image, [C·kh·kw, Ho·Wo]
+    typename Backend::template buffer<T> dcols;  ///< the gradient w.r.t. one image's columns, [C·kh·kw, Ho·Wo]
+    Conv2dGeometry geo;                          ///< the geometry the context was made for
+    Index cols_image = -1;                       ///< the image of `cols_x` whose columns `cols` still holds (-1: none)
+    const T* cols_x = nullptr;
   };
+  /// Adapted<Conv2d, ...> runs its adapters on the base's columns (forward_into / backward_images with a per-image callback).
+  static constexpr bool per_image = true;
 
   Conv2d() = default;
   /// An owned layer with PyTorch's default initialisation (weight and bias uniform in ±1/√(C·kh·kw)).
@@ -100,6 +105,7 @@ class Conv2d {
     ctx.max_batch = max_batch;
     ctx.geo = geo_;
     ctx.cols.resize(std::size_t(geo_.patch() * geo_.positions()));
+    ctx.dcols.resize(std::size_t(geo_.patch() * geo_.positions()));
     const Index o = geo_.out_channels, k = geo_.patch(), p = geo_.positions();
     ctx.scratch.reserve_gemm(o, p, k);  // forward
     ctx.scratch.reserve_gemm(k, p, o);  // dcols
@@ -116,8 +122,8 @@ class Conv2d {
   void backward(Context& ctx, ConstMatrixView<T> dy, MatrixView<T> dx, GradMode params = GradMode::accumulate,
                 GradMode input = GradMode::overwrite) {
     check_backward(ctx, dy, dx, "Conv2d.backward");
-    backward_input(ctx, dy, dx, input == GradMode::accumulate ? T(1) : T(0));
-    if (requires_grad_) backward_params(ctx, ctx.x, dy, params == GradMode::accumulate ? T(1) : T(0));
+    backward_images(ctx, ctx.x, dy, dx, input == GradMode::accumulate ? T(1) : T(0), params == GradMode::accumulate ? T(1) : T(0), false,
+                    [](Index, ConstMatrixView<T>, MatrixView<T>, bool) {});
   }
 
   // ---- pieces used by adapted layers -------------------------------------------------------------------
@@ -128,6 +134,12 @@ class Conv2d {
   }
 
   void forward_into(Context& ctx, ConstMatrixView<T> x, MatrixView<T> y) const {
+    forward_into(ctx, x, y, [](Index, ConstMatrixView<T>) {});
+  }
+  /// forward_into, calling per_image(n, cols) after image n's product, with cols = im2col(x_n) [C·kh·kw, Ho·Wo]:
+  /// adapters that see the same input add their terms from the same columns (one im2col per image in all).
+  template <class F>
+  void forward_into(Context& ctx, ConstMatrixView<T> x, MatrixView<T> y, F&& per_image) const {
     const Index k = geo_.patch(), p = geo_.positions(), o = geo_.out_channels;
     auto cols = ctx.cols.view(k, p);
     for (Index n = 0; n < x.rows; ++n) {
@@ -135,12 +147,47 @@ class Conv2d {
       auto yn = image(y, n, o, p);
       Backend::template gemm<Trans::no, Trans::no>(ctx.scratch, T(1), weight_.view(), ConstMatrixView<T>(cols), T(0), yn);
       if (has_bias()) Backend::add_col_vector(yn, bias_.data(), T(1));
+      per_image(n, ConstMatrixView<T>(cols));
+    }
+    ctx.cols_image = x.rows - 1;  // the last image's columns stay for backward_images
+    ctx.cols_x = x.data;
+  }
+  /// One pass over the images (last first) for the base's backward and the adapters sharing its input x (the input
+  /// of the last forward on ctx): per image n, dcols = Wᵀ·dy_n (when dx is wanted), cols = im2col(x_n) (when
+  /// `need_cols` or the weight is trainable; the last image's columns are kept from forward), the weight and bias
+  /// gradients (params_beta for the first image processed), then per_image(n, cols, dcols, first), which may add its
+  /// terms to dcols, and one col2im of dcols into dx_n (dx = input_beta · dx + ...). cols and dcols are empty views
+  /// when not computed.
+  template <class F>
+  void backward_images(Context& ctx, ConstMatrixView<T> x, ConstMatrixView<T> dy, MatrixView<T> dx, T input_beta, T params_beta,
+                       bool need_cols, F&& per_image) {
+    const Index k = geo_.patch(), p = geo_.positions(), o = geo_.out_channels;
+    const bool want_cols = need_cols || requires_grad_;
+    auto cols = ctx.cols.view(k, p);
+    auto dcols = ctx.dcols.view(k, p);
+    if (requires_grad_ && dy.rows == 0 && params_beta == T(0)) zero_grad();
+    for (Index n = dy.rows - 1; n >= 0; --n) {
+      const bool first = n == dy.rows - 1;
+      const auto dyn = image(dy, n, o, p);
+      if (!dx.empty()) Backend::template gemm<Trans::yes, Trans::no>(ctx.scratch, T(1), weight_.view(), dyn, T(0), dcols);
+      if (want_cols && !(n == ctx.cols_image && x.data == ctx.cols_x)) {
+        Backend::im2col(geo_, x.data + n * x.stride, cols);
+        ctx.cols_image = n;
+        ctx.cols_x = x.data;
+      }
+      if (requires_grad_) {
+        const T b = first ? params_beta : T(1);
+        Backend::template gemm<Trans::no, Trans::yes>(ctx.scratch, T(1), dyn, ConstMatrixView<T>(cols), b, weight_grad());
+        if (has_bias()) Backend::sum_cols(dyn, bias_grad_.data(), T(1), b);
+      }
+      per_image(n, want_cols ? ConstMatrixView<T>(cols) : ConstMatrixView<T>{}, dx.empty() ? MatrixView<T>{} : dcols, first);
+      if (!dx.empty()) Backend::col2im(geo_, ConstMatrixView<T>(dcols), input_beta, dx.data + n * dx.stride);
     }
   }
   void backward_input(Context& ctx, ConstMatrixView<T> dy, MatrixView<T> dx, T beta) const {
     if (dx.empty()) return;
     const Index k = geo_.patch(), p = geo_.positions(), o = geo_.out_channels;
-    auto dcols = ctx.cols.view(k, p);
+    auto dcols = ctx.dcols.view(k, p);
     for (Index n = 0; n < dy.rows; ++n) {
       Backend::template gemm<Trans::yes, Trans::no>(ctx.scratch, T(1), weight_.view(), image(dy, n, o, p), T(0), dcols);
       Backend::col2im(geo_, ConstMatrixView<T>(dcols), beta, dx.data + n * dx.stride);
@@ -149,6 +196,7 @@ class Conv2d {
   void backward_params(Context& ctx, ConstMatrixView<T> x, ConstMatrixView<T> dy, T beta) {
     const Index k = geo_.patch(), p = geo_.positions(), o = geo_.out_channels;
     auto cols = ctx.cols.view(k, p);
+    ctx.cols_image = -1;
     for (Index n = 0; n < x.rows; ++n) {
       Backend::im2col(geo_, x.data + n * x.stride, cols);
       const T b = n == 0 ? beta : T(1);
