@@ -13,6 +13,7 @@
 #include <peft/model.hpp>
 #include <unistd.h>
 
+#include "io_test_util.hpp"
 #include "reference.hpp"
 
 using namespace peft;
@@ -21,56 +22,9 @@ namespace fs = std::filesystem;
 namespace st = peft::safetensors;
 using nlohmann::json;
 
-#ifndef PEFT_CHECKPOINT_DIR
-#define PEFT_CHECKPOINT_DIR PEFT_TEST_DATA_DIR "/../checkpoints"
-#endif
-
 namespace {
 
-/// Where the golden cases are read from: PEFT_GOLDEN_CHECKPOINT_DIR when set (the optional `python` ctests
-/// regenerate them into the build tree), else the committed tests/reference/checkpoints.
-std::string golden() {
-  const char* env = std::getenv("PEFT_GOLDEN_CHECKPOINT_DIR");
-  return env && *env ? std::string(env) : std::string(PEFT_CHECKPOINT_DIR);
-}
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int n = 0;
-    path = fs::temp_directory_path() / ("peft_pretrained_more_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  TempDir(const TempDir&) = delete;
-};
-
-void write_text(const fs::path& p, const std::string& s) { std::ofstream(p, std::ios::binary) << s; }
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-struct CaptureWarnings {
-  std::vector<std::string> got;
-  io::WarningSink old;
-  CaptureWarnings() { old = io::set_warning_sink([this](const std::string& m) { got.push_back(m); }); }
-  ~CaptureWarnings() { io::set_warning_sink(old); }
-};
-
-template <class E>
-void require_throws_with(const std::function<void()>& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    FAIL("no exception");
-  } catch (const E& e) {
-    const std::string m = e.what();
-    CAPTURE(m);
-    for (const auto& p : parts) CHECK(m.find(p) != std::string::npos);
-  }
-}
-
+std::string golden() { return golden_checkpoints(); }
 io::AdapterConfig parse(const std::string& text) { return io::parse_adapter_config(text, "cfg.json"); }
 
 // ---- the golden model: lin0 Linear(6, 5) -> relu -> lin1 Linear(5, 4) -> relu -> head Linear(4, 3)

@@ -21,11 +21,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include "io_test_util.hpp"
 #include "peft/io/safetensors.hpp"
 
 namespace fs = std::filesystem;
 namespace st = peft::safetensors;
 using nlohmann::json;
+using peft::test::TempDir;
 
 namespace {
 
@@ -49,21 +51,6 @@ json read_json(const fs::path& p) {
   return json::parse(in);
 }
 
-/// A fresh temporary directory, removed with everything in it.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> n{0};
-    path = fs::temp_directory_path() / ("peft_st_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  fs::path operator/(const std::string& s) const { return path / s; }
-};
 
 std::uint32_t bits(float f) { return std::bit_cast<std::uint32_t>(f); }
 std::uint64_t bits(double d) { return std::bit_cast<std::uint64_t>(d); }
