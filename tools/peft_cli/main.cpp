@@ -34,6 +34,7 @@
 #include <peft/adapter/vera.hpp>
 #include <peft/io/adapter_config.hpp>
 #include <peft/io/pretrained.hpp>
+#include <peft/io/prompt_checkpoint.hpp>
 #include <peft/io/safetensors.hpp>
 #include <peft/merge.hpp>
 #include <peft/model.hpp>
@@ -97,9 +98,47 @@ fs::path weights_of(const fs::path& dir) {
 }
 
 // ---------------------------------------------------------------------------------------------
+/// A prompt-learning adapter (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, MULTITASK_PROMPT_TUNING): model-level
+/// tensors (prompt_embeddings, prefix_task_cols/rows), no module paths.
+int inspect_prompt(const fs::path& dir, const peft::io::PromptAdapterConfig& cfg) {
+  st::File f(weights_of(dir));
+  std::cout << "adapter: " << dir.string() << "\n";
+  std::cout << "method:  " << cfg.peft_type() << (cfg.task_type ? " (task_type " + *cfg.task_type + ")" : std::string())
+            << ", prompt learning: virtual tokens, no weight of the model changes\n";
+  if (cfg.base_model_name_or_path) std::cout << "base:    " << *cfg.base_model_name_or_path << "\n";
+  if (cfg.peft_version) std::cout << "written by PEFT " << *cfg.peft_version << "\n";
+  std::cout << "config:\n";
+  const auto j = peft::io::to_json(cfg);
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (!it->is_null()) std::cout << "  " << it.key() << ": " << it->dump() << "\n";
+  std::uint64_t total = 0;
+  std::cout << "tensors (" << f.names().size() << "):\n";
+  for (const auto& k : f.names()) {
+    const auto& i = f.info(k);
+    std::cout << "  " << k << "  " << st::name(i.dtype) << " " << shape_str(i.shape) << "\n";
+    total += i.numel();
+  }
+  std::cout << "total: " << f.names().size() << " tensors, " << with_commas(total) << " parameters\n";
+  return 0;
+}
+
+/// merge and combine work on weights: a prompt-learning adapter has none to merge.
+void refuse_prompt_learning(const fs::path& dir, const char* what) {
+  fs::path p = dir;
+  if (fs::is_directory(p)) p /= "adapter_config.json";
+  std::ifstream in(p, std::ios::binary);
+  if (!in) return;  // read_adapter_config reports it
+  const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (j.is_object() && j.contains("peft_type") && j["peft_type"].is_string() && peft::io::is_prompt_learning_type(j["peft_type"].get<std::string>()))
+    throw peft::ConfigError(cat(p.string(), ": a ", j["peft_type"].get<std::string>(), " adapter is prompt learning (virtual tokens fed to the model), it has no weights to ",
+                                what, "; `peft inspect` shows it"));
+}
+
 int inspect(const fs::path& dir) {
   const fs::path weights = weights_of(dir);
-  const auto cfg = peft::io::read_adapter_config(dir);
+  const auto any = peft::io::read_any_adapter_config(dir);
+  if (const auto* p = std::get_if<peft::io::PromptAdapterConfig>(&any)) return inspect_prompt(dir, *p);
+  const auto& cfg = std::get<peft::io::AdapterConfig>(any);
   st::File f(weights);
   std::cout << "adapter: " << dir.string() << "\n";
   std::cout << "method:  " << cfg.peft_type() << (cfg.task_type ? " (task_type " + *cfg.task_type + ")" : std::string()) << "\n";
@@ -178,6 +217,7 @@ class Merger {
 
   void apply(const fs::path& dir) {
     const fs::path weights = weights_of(dir);
+    refuse_prompt_learning(dir, "merge");
     const auto cfg = peft::io::read_adapter_config(dir);
     st::File f(weights);
     bool fan_in_fan_out = false;
@@ -353,6 +393,7 @@ LoraFile read_lora(const fs::path& dir) {
   LoraFile lf;
   lf.dir = dir;
   const fs::path weights = weights_of(dir);
+  refuse_prompt_learning(dir, "combine");
   lf.config = peft::io::read_adapter_config(dir);
   const auto* cfg = lf.config.get_if<peft::LoraConfig>();
   if (!cfg) {
