@@ -24,14 +24,10 @@ feedforward_modules sorted, since PEFT writes those Python sets in hash order).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import filecmp
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 
 import torch
@@ -40,6 +36,9 @@ from safetensors.torch import save_file
 
 import peft
 from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import checkpoint_gen  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 2718
@@ -139,44 +138,6 @@ def generate(out_dir):
     save_file(sd, os.path.join(out_dir, "base_without_emb.safetensors"), metadata={"format": "pt"})
 
 
-def normalized(j):
-    """PEFT writes target_modules (a Python set) in hash order, which changes between runs."""
-    for k in ("target_modules", "feedforward_modules"):
-        if isinstance(j.get(k), list):
-            j[k] = sorted(j[k])
-    return j
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(HERE, "checkpoints"))
-    ap.add_argument("--check", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    if not args.check:
-        generate(args.out)
-        return
-    tmp = tempfile.mkdtemp()
-    try:
-        generate(tmp)
-        bad = []
-        for root, _, files in os.walk(tmp):
-            for fn in files:
-                new = os.path.join(root, fn)
-                old = os.path.join(args.out, os.path.relpath(new, tmp))
-                if fn.endswith(".json"):
-                    same = os.path.exists(old) and normalized(json.load(open(old))) == normalized(json.load(open(new)))
-                else:
-                    same = os.path.exists(old) and filecmp.cmp(old, new, shallow=False)
-                if not same:
-                    bad.append(old)
-        if bad:
-            print("differ:", *bad, sep="\n  ")
-            sys.exit(1)
-        print("all files equal")
-    finally:
-        shutil.rmtree(tmp)
-
 
 if __name__ == "__main__":
-    main()
+    checkpoint_gen.run(generate)

@@ -31,15 +31,11 @@ target_modules sorted; numbers to 1e-6 relative, as the SVD may differ in the la
 
 from __future__ import annotations
 
-import argparse
 import copy
-import filecmp
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 
 import torch
@@ -48,6 +44,9 @@ from safetensors.torch import save_file
 
 import peft
 from peft import LoraConfig, get_peft_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import checkpoint_gen  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 4242
@@ -199,36 +198,5 @@ def close(a, b):
     return a == b
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(HERE, "checkpoints"))
-    ap.add_argument("--check", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    if not args.check:
-        generate(args.out)
-        return
-    tmp = tempfile.mkdtemp()
-    try:
-        generate(tmp)
-        bad = []
-        for r, _, files in os.walk(tmp):
-            for fn in files:
-                new = os.path.join(r, fn)
-                old = os.path.join(args.out, os.path.relpath(new, tmp))
-                if fn.endswith(".json"):
-                    same = os.path.exists(old) and close(normalized(json.load(open(old))), normalized(json.load(open(new))))
-                else:
-                    same = os.path.exists(old) and filecmp.cmp(old, new, shallow=False)
-                if not same:
-                    bad.append(old)
-        if bad:
-            print("differ:", *bad, sep="\n  ")
-            sys.exit(1)
-        print("all files equal")
-    finally:
-        shutil.rmtree(tmp)
-
-
 if __name__ == "__main__":
-    main()
+    checkpoint_gen.run(generate, normalized, close)
