@@ -201,6 +201,12 @@ class Ia3Bank {
     ctx.feedforward = !active.empty() && adapters_.front().feedforward;
     if (ctx.ran.empty() || ctx.feedforward) return;
     combine(ctx, -1);
+    if constexpr (kImages) {  // per image [O, P], one factor per row: y_pre = y and y ⊙= l in one pass
+      const Index o = ctx.geo.out_channels, p = ctx.geo.out_positions;
+      for (Index n = 0; n < y.rows; ++n)
+        Backend::copy_scale_rows(Base::image(y, n, o, p), ctx.combined.data(), Base::image(ctx.y_pre.view(y.rows, y.cols), n, o, p));
+      return;
+    }
     Backend::copy(ConstMatrixView<T>(y), ctx.y_pre.view(y.rows, y.cols));
     Backend::scale_cols(y, ctx.expanded.data());
   }
@@ -208,6 +214,17 @@ class Ia3Bank {
   ConstMatrixView<T> post_backward(Context& ctx, ConstMatrixView<T> dy, GradMode mode) {
     if (ctx.ran.empty() || ctx.feedforward) return dy;
     auto d = ctx.dy_scaled.view(dy.rows, dy.cols);
+    if constexpr (kImages) {  // per image [O, P]: the per-channel sums of dy ⊙ y_pre, and d = l ⊙ dy, one pass each
+      const Index o = ctx.geo.out_channels, p = ctx.geo.out_positions;
+      const auto y_pre = ConstMatrixView<T>(ctx.y_pre.view(dy.rows, dy.cols));
+      for (Index n = 0; n < dy.rows; ++n) {
+        const auto dyn = Base::image(dy, n, o, p);
+        Backend::sum_cols_mul(dyn, Base::image(y_pre, n, o, p), ctx.folded.data(), T(1), n == 0 ? T(0) : T(1));
+        Backend::add_scaled_rows(dyn, ctx.combined.data(), T(0), Base::image(d, n, o, p));
+      }
+      param_grads(ctx, mode, true);
+      return d;
+    }
     Backend::copy(dy, d);
     Backend::mul(ConstMatrixView<T>(ctx.y_pre.view(dy.rows, dy.cols)), d);  // d = dy ⊙ y_pre
     Backend::sum_rows(ConstMatrixView<T>(d), ctx.reduce.data(), T(1), T(0));
@@ -255,16 +272,17 @@ class Ia3Bank {
       const auto& l = adapters_[std::size_t(s)].l;
       for (std::size_t i = 0; i < n; ++i) out[i] *= l[i];
     }
-    if (skip < 0) {  // one factor per feature: channel c covers features [c·P, (c+1)·P)
+    if (skip < 0 && !(kImages && !ctx.feedforward)) {  // one factor per feature: channel c covers features [c·P, (c+1)·P)
       const std::size_t p = ctx.expanded.size() / n;
       for (std::size_t c = 0; c < n; ++c)
         for (std::size_t k = 0; k < p; ++k) ctx.expanded[c * p + k] = out[c];
     }
   }
-  void param_grads(Context& ctx, GradMode mode) {
+  /// dl_k from the per-feature sums in ctx.reduce (folded over positions here), or from ctx.folded as given.
+  void param_grads(Context& ctx, GradMode mode, bool folded_given = false) {
     const bool acc = mode == GradMode::accumulate;
     const std::size_t channels = ctx.folded.size(), p = ctx.reduce.size() / channels;
-    for (std::size_t c = 0; c < channels; ++c) {
+    for (std::size_t c = 0; c < channels && !folded_given; ++c) {
       T sum = 0;
       for (std::size_t k = 0; k < p; ++k) sum += ctx.reduce[c * p + k];
       ctx.folded[c] = sum;
@@ -292,6 +310,9 @@ class Ia3Bank {
     if (!a.feedforward && !bias.empty())
       for (Index j = 0; j < bias.size(); ++j) bias.data[j] = merge ? bias.data[j] * a.l[std::size_t(j)] : bias.data[j] / (a.l[std::size_t(j)] + T(1e-8));
   }
+
+  /// Conv2d: output scaling runs per image on [channels, positions] views with per-row factors.
+  static constexpr bool kImages = requires { Base::per_image; };
 
   std::vector<adapter_type> adapters_;
   bool weight_out_major_ = true;

@@ -41,7 +41,7 @@ class LoraBank<Conv2d<T, Backend>> {
       // DoRA only:
       buffer<T> q;                 ///< [batch, O·P]: base term + s·lora; dm = Σ dy ⊙ q / norm per channel
       buffer<T> norm, scale, scale_m1;  ///< [O]: ‖W + s·B·A‖ per channel (detached), g = m / norm, g − 1
-      buffer<T> scale_x, scale_m1_x;    ///< [O·P]: g and g − 1 repeated over the positions
+      buffer<T> scale_x, scale_m1_x;    ///< [O·P]: g and g − 1 repeated over the positions (batch-wide path only)
       bool dropped = false;
       std::uint64_t stream = 0;
     };
@@ -54,7 +54,7 @@ class LoraBank<Conv2d<T, Backend>> {
     buffer<T> wblock;        ///< a block of W + s·B·A for the norm
     buffer<T> vec;           ///< [O·P]: the magnitude gradient before the per-channel sum
     buffer<T> base_grad;     ///< [batch, O·P]: (Π g) ⊙ dy, the gradient of the base output (see base_output_grad)
-    buffer<T> prod;          ///< [O·P]: Π g over the DoRA slots without dropout, repeated over positions
+    buffer<T> prod;          ///< [O]: Π g over the DoRA slots without dropout
     bool base_grad_given = false;
   };
 
@@ -140,7 +140,7 @@ class LoraBank<Conv2d<T, Backend>> {
       ctx.wblock.resize(std::size_t(std::min(Ops::norm_block_rows, o) * k));
       ctx.vec.resize(std::size_t(o * p));
       ctx.base_grad.resize(std::size_t(max_batch * o * p));
-      ctx.prod.resize(std::size_t(o * p));
+      ctx.prod.resize(std::size_t(o));
     }
   }
 
@@ -154,13 +154,14 @@ class LoraBank<Conv2d<T, Backend>> {
     if (scaled == 0) return dy;
     const base_type& base = bound_base("backward");
     if (base.requires_grad() && base.has_bias()) return dy;
-    auto prod = ctx.prod.view(1, dy.cols);
+    const Index o = ctx.geo.out_channels, p = ctx.geo.positions();
+    auto prod = ctx.prod.view(1, o);
     Backend::fill(prod, T(1));
     for (int slot : ctx.ran)
       if (adapters_[std::size_t(slot)].dora() && !ctx.slots[std::size_t(slot)].dropped)
-        Backend::mul(ConstMatrixView<T>(ctx.slots[std::size_t(slot)].scale_x.view(1, dy.cols)), prod);
+        Backend::mul(ConstMatrixView<T>(ctx.slots[std::size_t(slot)].scale.view(1, o)), prod);
     auto g = ctx.base_grad.view(dy.rows, dy.cols);
-    Backend::add_scaled_cols(dy, prod.data, T(0), g);
+    for (Index n = 0; n < dy.rows; ++n) Backend::add_scaled_rows(base_type::image(dy, n, o, p), prod.data, T(0), base_type::image(g, n, o, p));
     ctx.base_grad_given = true;
     return g;
   }
@@ -240,19 +241,21 @@ class LoraBank<Conv2d<T, Backend>> {
         continue;
       }
       const base_type& base = bound_base("forward");
+      auto qn = MatrixView<T>(s.q.data() + n * o * p, o, p);
+      if (!s.dropped) {
+        // q = s·B·t, then in one pass per channel: q += y − b (the running output minus the base bias) and
+        // y = g ⊙ q + b (DoRA refuses lora_bias, as PEFT)
+        Backend::template gemm<Trans::no, Trans::no>(scratch, a.scaling, a.B(), ConstMatrixView<T>(t), T(0), qn);
+        const T* b = base.has_bias() ? base.bias().data : nullptr;
+        Backend::rescale_rows(qn, yn, b, s.scale.data(), b);
+        continue;
+      }
       auto ln = MatrixView<T>(ctx.work0.data() + n * o * p, o, p);
       Backend::template gemm<Trans::no, Trans::no>(scratch, a.scaling, a.B(), ConstMatrixView<T>(t), T(0), ln);
       if (a.config.lora_bias) Backend::add_col_vector(ln, a.bias.data(), a.scaling);
-      auto qn = MatrixView<T>(s.q.data() + n * o * p, o, p);
-      if (s.dropped) {  // conv(dropout(x), W), without the bias
-        Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), base.weight(), c, T(0), qn);
-      } else {  // the running output of image n minus the base bias
-        Backend::copy(ConstMatrixView<T>(yn), qn);
-        if (base.has_bias()) Backend::add_col_vector(qn, base.bias().data, T(-1));
-      }
-      const auto flat = [&](auto v) { return decltype(v)(v.data, 1, o * p); };
-      Backend::add_scaled_cols(ConstMatrixView<T>(flat(qn)), s.scale_m1_x.data(), T(1), flat(yn));
-      Backend::add_scaled_cols(ConstMatrixView<T>(flat(ln)), s.scale_x.data(), T(1), flat(yn));
+      Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), base.weight(), c, T(0), qn);  // conv(dropout(x), W), no bias
+      Backend::add_scaled_rows(ConstMatrixView<T>(qn), s.scale_m1.data(), T(1), yn);
+      Backend::add_scaled_rows(ConstMatrixView<T>(ln), s.scale.data(), T(1), yn);
       Backend::axpby(T(1), ConstMatrixView<T>(ln), T(1), qn);
     }
   }
@@ -269,7 +272,6 @@ class LoraBank<Conv2d<T, Backend>> {
                       MatrixView<T> dcols, GradMode mode) {
     const Index k = ctx.geo.patch(), p = ctx.geo.positions(), o = ctx.geo.out_channels;
     const T b = first && mode == GradMode::overwrite ? T(0) : T(1);
-    const auto flat = [&](auto v) { return decltype(v)(v.data, 1, o * p); };
     ConstMatrixView<T> d = dyn;  // gradient w.r.t. image n of the running output after the slot being processed
     MatrixView<T> d_buf;         // where d lives once a DoRA slot without dropout has scaled it
     for (auto it = ctx.ran.rbegin(); it != ctx.ran.rend(); ++it) {
@@ -280,11 +282,10 @@ class LoraBank<Conv2d<T, Backend>> {
       MatrixView<T> gd;
       if (a.dora()) {
         gd = MatrixView<T>((d_buf.data == ctx.work0.data() + n * o * p ? ctx.work1 : ctx.work0).data() + n * o * p, o, p);
-        Backend::add_scaled_cols(flat(d), s.scale_x.data(), T(0), flat(gd));  // g ⊙ d
+        Backend::add_scaled_rows(d, s.scale.data(), T(0), gd);  // g ⊙ d
         dl = gd;
         if (a.requires_grad) {  // dm_c += Σ_p d ⊙ q / norm_c
-          Backend::sum_rows_mul(flat(d), ConstMatrixView<T>(s.q.data() + n * o * p, 1, o * p), ctx.vec.data(), T(1), T(0));
-          Backend::sum_cols(ConstMatrixView<T>(ctx.vec.view(o, p)), ctx.vec.data(), T(1), T(0));  // in place, as backward
+          Backend::sum_cols_mul(d, ConstMatrixView<T>(s.q.data() + n * o * p, o, p), ctx.vec.data(), T(1), T(0));
           auto v = ctx.vec.view(1, o);
           Backend::div(ConstMatrixView<T>(v), ConstMatrixView<T>(s.norm.view(1, o)), v);
           Backend::axpby(T(1), ConstMatrixView<T>(v), b, a.grad_M());
@@ -308,7 +309,7 @@ class LoraBank<Conv2d<T, Backend>> {
         auto own = ctx.dcols.view(k, p);
         if (!dcols.empty()) Backend::template gemm<Trans::yes, Trans::no>(scratch, a.scaling, a.A(), ConstMatrixView<T>(g), T(0), own);
         if (base_term) {  // into d(dropout(x)) and, for a trainable base, dW
-          Backend::add_scaled_cols(flat(d), s.scale_m1_x.data(), T(0), flat(gd));
+          Backend::add_scaled_rows(d, s.scale_m1.data(), T(0), gd);
           if (!dcols.empty()) Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), ConstMatrixView<T>(base->weight()), ConstMatrixView<T>(gd), T(1), own);
           if (base->requires_grad()) Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), ConstMatrixView<T>(gd), c, T(1), base->weight_grad());
         }
@@ -457,10 +458,13 @@ class LoraBank<Conv2d<T, Backend>> {
     return own;
   }
 
-  /// A DoRA slot's norm ‖W + s·B·A‖ per channel and gains g, g − 1 (also repeated over the positions).
+  /// A DoRA slot's norm ‖W + s·B·A‖ per channel and gains g, g − 1.
   void dora_gains(Context& ctx, typename Context::Slot& s, Scratch& scratch, const adapter_type& a, const base_type& base) const {
-    const Index o = ctx.geo.out_channels, p = ctx.geo.positions();
     Ops::gains(a, false, base.weight(), scratch, ctx.wblock.data(), s.norm.data(), s.scale.data(), s.scale_m1.data());
+  }
+  /// The gains repeated over the positions, for the batch-wide path (forward / backward).
+  void expand_gains(Context& ctx, typename Context::Slot& s) const {
+    const Index o = ctx.geo.out_channels, p = ctx.geo.positions();
     for (Index c = 0; c < o; ++c) {
       Backend::fill(MatrixView<T>(s.scale_x.data() + c * p, 1, p), s.scale[std::size_t(c)]);
       Backend::fill(MatrixView<T>(s.scale_m1_x.data() + c * p, 1, p), s.scale_m1[std::size_t(c)]);
@@ -473,6 +477,7 @@ class LoraBank<Conv2d<T, Backend>> {
                     MatrixView<T> y) const {
     const Index m = y.rows, o = ctx.geo.out_channels, p = ctx.geo.positions();
     dora_gains(ctx, s, scratch, a, base);
+    expand_gains(ctx, s);
     auto q = s.q.view(m, o * p);
     if (!s.dropped) {
       // PEFT passes the running result: the base output and every slot before this one, minus the base bias

@@ -386,6 +386,50 @@ struct EigenCpu {
     auto ym = detail::emap(y);
     for (Index i = 0; i < y.rows; ++i) ym.row(i) *= v[i];
   }
+  // ---- per-row steps of per-channel adapters on Conv2d images ([channels, positions] views) ----------------
+  /// y = beta · y + diag(v) · x: row i of x scaled by v[i] (v has x.rows elements; beta == 0 does not read y).
+  template <class T>
+  static void add_scaled_rows(std::type_identity_t<ConstMatrixView<T>> x, const std::type_identity_t<T>* v, std::type_identity_t<T> beta,
+                              MatrixView<T> y) {
+    auto ym = detail::emap(y);
+    auto xm = detail::emap(x);
+    for (Index i = 0; i < y.rows; ++i) {
+      if (beta == T(0)) ym.row(i) = v[i] * xm.row(i);
+      else ym.row(i) = beta * ym.row(i) + v[i] * xm.row(i);
+    }
+  }
+  /// out[i] = beta · out[i] + alpha · Σ_j a[i, j] · b[i, j] (row-wise dot products; beta == 0 does not read out).
+  template <class T>
+  static void sum_cols_mul(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b, T* out,
+                           std::type_identity_t<T> alpha, std::type_identity_t<T> beta) {
+    auto am = detail::emap(a);
+    auto bm = detail::emap(b);
+    for (Index i = 0; i < a.rows; ++i) out[i] = (beta == T(0) ? T(0) : beta * out[i]) + alpha * am.row(i).dot(bm.row(i));
+  }
+  /// keep = y, then y[i, :] *= v[i], in one pass (output scaling that saves its input for backward).
+  template <class T>
+  static void copy_scale_rows(MatrixView<T> y, const std::type_identity_t<T>* v, MatrixView<T> keep) {
+    auto ym = detail::emap(y);
+    auto km = detail::emap(keep);
+    for (Index i = 0; i < y.rows; ++i) {
+      km.row(i) = ym.row(i);
+      ym.row(i) *= v[i];
+    }
+  }
+  /// Per row i, in one pass: q[i, :] += y[i, :] − shift[i], then y[i, :] = gain[i] · q[i, :] + offset[i]. DoRA's
+  /// per-channel output step on a Conv2d image: q enters as the slot's s·B·A term and leaves as its unscaled output
+  /// (running output − base bias + s·B·A term), y leaves as g ⊙ q + b. shift / offset null: zero.
+  template <class T>
+  static void rescale_rows(MatrixView<T> q, MatrixView<T> y, const std::type_identity_t<T>* shift, const std::type_identity_t<T>* gain,
+                           const std::type_identity_t<T>* offset) {
+    auto qm = detail::emap(q);
+    auto ym = detail::emap(y);
+    for (Index i = 0; i < q.rows; ++i) {
+      const T sh = shift ? shift[i] : T(0), g = gain[i], of = offset ? offset[i] : T(0);
+      qm.row(i).array() += ym.row(i).array() - sh;
+      ym.row(i).array() = g * qm.row(i).array() + of;
+    }
+  }
   /// y = a ⊘ b element-wise (same shapes; y may be a or b).
   template <class T>
   static void div(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b, MatrixView<T> y) {
