@@ -545,8 +545,12 @@ class Adapted {
       detail::for_each_index([&](auto k) {
         if (k != e.kind) return;
         auto& bank = std::get<k>(banks_);
-        if constexpr (requires { bank.forward(std::get<k>(ctx.banks), ctx.base.scratch, m.one, ConstMatrixView<T>(xg), yg, training_, ctx.seed, 0); })
-          bank.forward(std::get<k>(ctx.banks), ctx.base.scratch, m.one, ConstMatrixView<T>(xg), yg, training_, ctx.seed, 0);
+        auto& bctx = std::get<k>(ctx.banks);  // (named first: clang 14 judges the requires-expression false with std::get<k> inside)
+        const ConstMatrixView<T> xgc = xg;
+        if constexpr (requires { bank.forward(bctx, ctx.base.scratch, m.one, xgc, yg, training_, ctx.seed, 0); })
+          bank.forward(bctx, ctx.base.scratch, m.one, xgc, yg, training_, ctx.seed, 0);
+        else
+          throw StateError(detail::cat("Adapted.forward_mixed: adapter '", e.name, "' has no additive forward"));  // check_mixable refuses it first
       }, std::index_sequence_for<Kinds...>{});
       for (Index i = 0; i < n; ++i)
         backend_type::axpby(T(1), ConstMatrixView<T>(yg.row_block(i, 1)), T(1), y.row_block(m.perm[std::size_t(r0 + i)], 1));
@@ -593,6 +597,8 @@ class Adapted {
         bctx.ran.assign(m.one.begin(), m.one.end());
         if constexpr (requires { bank.backward(bctx, ctx.base.scratch, ConstMatrixView<T>(xg), ConstMatrixView<T>(dyg), dxg, params, ctx.seed); })
           bank.backward(bctx, ctx.base.scratch, ConstMatrixView<T>(xg), ConstMatrixView<T>(dyg), dx.empty() ? MatrixView<T>{} : dxg, params, ctx.seed);
+        else
+          throw StateError(detail::cat("Adapted.backward_mixed: adapter '", e.name, "' has no additive backward"));
       }, std::index_sequence_for<Kinds...>{});
       if (!dx.empty())
         for (Index i = 0; i < n; ++i)

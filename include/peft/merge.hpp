@@ -455,7 +455,11 @@ CombineResult add_weighted_adapter_impl(Visit&& visit, const std::vector<std::st
 
   CombineResult res;
   // exact mode combines delta weights: any ranks, and the rank comes from each layer
-  auto [type, new_rank] = opt.exact ? std::pair{adapters.size() == 1 ? Combination::linear : opt.type, 0} : merging::plan(opt.type, ranks, opt);
+  // (plain variables, not a structured binding: lambdas below capture them, which clang before 16 refuses)
+  const std::pair<Combination, int> chosen =
+      opt.exact ? std::pair{adapters.size() == 1 ? Combination::linear : opt.type, 0} : merging::plan(opt.type, ranks, opt);
+  const Combination type = chosen.first;
+  const int new_rank = chosen.second;
   merging::validate(type, opt);
   res.type = type;
   res.rank = new_rank;

@@ -162,7 +162,8 @@ TEMPLATE_TEST_CASE("backward_mixed: finite differences, overwrite and accumulate
       l.set_requires_grad(name, true);
       twin.set_requires_grad(name, true);
     }
-    auto lp = params_of(l), tp = params_of(twin);
+    auto lp = params_of(l);
+    auto tp = params_of(twin);
     REQUIRE(lp.size() == tp.size());
     for (std::size_t i = 0; i < lp.size(); ++i)
       for (std::size_t k = 0; k < lp[i].size; ++k) tp[i].value[k] = double(lp[i].value[k]);

@@ -12,7 +12,8 @@
 #include "test_util.hpp"
 
 // Counts operator new calls (not under AddressSanitizer, which owns operator new).
-#if !defined(__SANITIZE_ADDRESS__)
+#include "sanitized.hpp"
+#if !defined(PEFT_TEST_SANITIZED)
 #define PEFT_POOL_COUNT_NEW 1
 namespace {
 std::atomic<long> g_news{0};

@@ -27,7 +27,8 @@
 #include "reference.hpp"
 #include "test_util.hpp"
 
-#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+#include "sanitized.hpp"
+#if !defined(PEFT_TEST_SANITIZED)
 #define PEFT_PROMPT_COUNTS_NEW 1
 namespace {
 std::atomic<long> g_news{0};

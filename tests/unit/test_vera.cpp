@@ -2,7 +2,8 @@
 // adapters, two chained layers of different sizes sharing one pair of projections), PEFT's properties,
 // numbers from real Hugging Face PEFT 0.21.2 (tests/reference/data/vera_*.json, with PEFT's projections
 // loaded), no allocation in forward/backward, bad input.
-#if !defined(__SANITIZE_ADDRESS__)
+#include "sanitized.hpp"
+#if !defined(PEFT_TEST_SANITIZED)
 #define EIGEN_RUNTIME_NO_MALLOC
 #include <stdexcept>
 #define eigen_assert(x) \
@@ -21,7 +22,7 @@
 #include <peft/adapter/vera.hpp>
 #include <peft/train.hpp>
 
-#if !defined(__SANITIZE_ADDRESS__)
+#if !defined(PEFT_TEST_SANITIZED)
 #define PEFT_VERA_COUNT_NEW 1
 namespace {
 std::atomic<long> g_news{0};

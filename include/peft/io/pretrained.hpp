@@ -795,7 +795,7 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
               C c = m;
               if constexpr (std::is_same_v<C, LoraConfig>) c.init_lora_weights = LoraInit::zeros;
               if constexpr (std::is_same_v<C, VeraConfig>) {
-                using P = typename VeraBank<typename L::base_type>::projections_type;
+                using P = VeraProjections<T, typename L::base_type::backend_type>;  // VeraBank<base>::projections_type
                 if (layer.in_features() > proj_in || layer.out_features() > proj_out)
                   throw ShapeError(peft::detail::cat(weights.string(), ": the VeRA projections are [r, ", proj_in, "] and [", proj_out,
                                                      ", r] but layer '", path, "' has ", layer.in_features(), " inputs and ", layer.out_features(),
