@@ -9,54 +9,19 @@ unexpected key warning is a failure.
     /work/venv/bin/python tests/reference/check_cpp_checkpoints_more.py /tmp/pm
 """
 
-import json
 import os
 import sys
-import warnings
 
 import torch
-from safetensors.torch import load_file
-
-from peft import PeftModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from check_cpp_checkpoints import check_dir, max_diff  # noqa: E402
 from gen_checkpoints_adalora_vera import Net  # noqa: E402
 
 
-def main(root):
-    worst = 0.0
-    failed = False
-    cases_seen = sorted(os.listdir(root))
-    for case in cases_seen:
-        d = os.path.join(root, case)
-        base = Net()
-        base.load_state_dict(load_file(os.path.join(d, "base.safetensors")))
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            model = PeftModel.from_pretrained(base, os.path.join(d, "adapter"))
-        load_warnings = [str(x.message) for x in w if "missing" in str(x.message).lower() or "unexpected" in str(x.message).lower()]
-        model.eval()
-        out = json.load(open(os.path.join(d, "cpp_outputs.json")))
-        x = torch.tensor(out["x"]).reshape(out["x_shape"])
-        with torch.no_grad():
-            y = model(x)
-        errs = {"y": (y.reshape(-1) - torch.tensor(out["y"])).abs().max().item()}
-        merged = model.merge_and_unload().state_dict()
-        for k, v in load_file(os.path.join(d, "merged.safetensors")).items():
-            errs["merged " + k] = (merged[k] - v).abs().max().item()
-        e = max(errs.values())
-        worst = max(worst, e)
-        ok = e < 2e-5 and not load_warnings
-        if load_warnings:
-            errs["load warnings"] = load_warnings
-        failed = failed or not ok
-        print(f"{case:24s} max |PEFT - C++| = {e:.3g}  {'ok' if ok else 'FAIL ' + str(errs)}")
-    if not cases_seen:
-        print("no case found under", root)
-        failed = True
-    print("worst", worst)
-    sys.exit(1 if failed else 0)
+def outputs(model, out):
+    return {"y": max_diff(model(torch.tensor(out["x"]).reshape(out["x_shape"])), out["y"])}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    check_dir(sys.argv[1], Net, outputs)
