@@ -83,6 +83,8 @@ class Adapted {
     std::uint64_t seed = 0;
     std::uint64_t merge_state = 0;  ///< the layer's merge state at forward time
     bool image_wise = false;        ///< the last forward ran the additive adapters on the base's columns (Conv2d)
+    bool folded = false;            ///< ... and the base's product ran on weff = W + the ΔW the adapters folded into it
+    typename backend_type::template buffer<T> weff;  ///< Conv2d: the folded weight [O, C·kh·kw]
     /// forward_mixed's state (buffers sized only by make_context(max_batch, mixed_batches))
     struct Mixed {
       typename backend_type::template buffer<T> x, y, dx;  ///< rows grouped by adapter: [max_batch, in], [max_batch, out], [max_batch, in]
@@ -312,6 +314,7 @@ class Adapted {
             bank.make_context(bctx, ctx.base.scratch, max_batch);
         },
         std::index_sequence_for<Kinds...>{});
+    if constexpr (base_per_image) ctx.weff.resize(std::size_t(base_.weight().size()));
     ctx.generation = generation_;
     return ctx;
   }
@@ -332,6 +335,7 @@ class Adapted {
     // 2. the base assigns y, 3. additive adapters (LoRA, ...) add their deltas. On a Conv2d base whose additive
     // banks all can, 2 and 3 run image by image on the base's im2col columns (one im2col per image for all).
     ctx.image_wise = false;
+    ctx.folded = false;
     if constexpr (base_per_image) {
       if (image_wise_ready(ctx, xin, y)) {
         ctx.image_wise = true;
@@ -339,13 +343,25 @@ class Adapted {
           if constexpr (requires { bank.image_begin(bctx, ctx.base.scratch, active, xin, training_, ctx.seed, 0); })
             bank.image_begin(bctx, ctx.base.scratch, active, xin, training_, ctx.seed, 0);
         }, ctx);
+        // when every additive bank that runs can, its ΔW joins the base's product: y_n = (W + Σ ΔW)·cols_n
+        ConstMatrixView<T> w{};
+        if (fold_ready(ctx, xin.rows)) {
+          auto wf = ctx.weff.view(base_.weight().rows, base_.weight().cols);
+          backend_type::copy(ConstMatrixView<T>(base_.weight()), wf);
+          each_kind([&](auto& bank, auto& bctx, const auto& active) {
+            if constexpr (requires { bank.image_fold(bctx, ctx.base.scratch, wf); })
+              if (!active.empty()) bank.image_fold(bctx, ctx.base.scratch, wf);
+          }, ctx);
+          ctx.folded = true;
+          w = wf;
+        }
         const Index o = base_.geometry().out_channels, p = base_.geometry().positions();
         base_.forward_into(ctx.base, xin, y, [&](Index n, ConstMatrixView<T> cols) {
           const MatrixView<T> yn = Base::image(y, n, o, p);
           each_kind([&](auto& bank, auto& bctx, const auto&) {
             if constexpr (requires { bank.image_forward(bctx, ctx.base.scratch, n, cols, yn); }) bank.image_forward(bctx, ctx.base.scratch, n, cols, yn);
           }, ctx);
-        });
+        }, w);
       }
     }
     if (!ctx.image_wise) {
@@ -418,7 +434,8 @@ class Adapted {
                                   if constexpr (requires { bank.image_backward(bctx, ctx.base.scratch, n, first, cols, dyn, dcols, params); })
                                     bank.image_backward(bctx, ctx.base.scratch, n, first, cols, dyn, dcols, params);
                                 }, ctx);
-                              });
+                              },
+                              ctx.folded ? ConstMatrixView<T>(ctx.weff.view(base_.weight().rows, base_.weight().cols)) : ConstMatrixView<T>{});
         each_kind([&](auto& bank, auto& bctx, const auto&) {
           if constexpr (requires { bank.image_end(bctx, ctx.base.scratch, dxin, dy.rows, params, ctx.seed); })
             bank.image_end(bctx, ctx.base.scratch, dxin, dy.rows, params, ctx.seed);
@@ -703,6 +720,21 @@ class Adapted {
       }
     }, ctx);
     return ok;
+  }
+
+  /// Whether the additive banks that run this image-wise forward all fold their ΔW into the base's product (each
+  /// has image_fold and accepts its slots and the batch); scaling banks do not take part.
+  bool fold_ready(Context& ctx, Index batch) {
+    bool any = false, ok = true;
+    each_kind([&](auto& bank, auto& bctx, const auto& active) {
+      if constexpr (requires { bank.image_begin(bctx, ctx.base.scratch, active, ConstMatrixView<T>{}, training_, ctx.seed, 0); }) {
+        if (active.empty()) return;
+        any = true;
+        if constexpr (requires { bank.image_can_fold(bctx, batch); }) ok = ok && bank.image_can_fold(bctx, batch);
+        else ok = false;
+      }
+    }, ctx);
+    return any && ok;
   }
 
   /// Recomputes the slots each kind runs in forward: active, enabled and not merged.

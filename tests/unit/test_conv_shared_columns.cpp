@@ -1,7 +1,9 @@
 // Several adapter kinds on one Conv2d layer, which run image by image on the base's im2col columns (one im2col
 // per image for the base and every adapter; one dcols and one col2im per image in backward): gradients against
 // finite differences with LoRA (with and without dropout), DoRA (input gradient), LoHa (flat and CP, rank dropout)
-// and LoKr active together, and the forward against one convolution with the summed delta weights.
+// and LoKr active together, and the forward against one convolution with the summed delta weights. When every
+// adapter that runs can (no DoRA, no dropout active on LoRA), they join the base's product as W + Σ ΔW: the
+// finite-difference cases without DoRA and dropout run that path.
 #include <catch2/catch.hpp>
 
 #include <peft/peft.hpp>
@@ -130,5 +132,28 @@ TEST_CASE("conv2d with several adapter kinds on shared columns: forward equals o
     l.forward(ctx, x, y);
     merged.forward(mctx, x, ym);
     CHECK(max_abs_diff(y, ym) < 1e-12);
+    CHECK(ctx.folded);  // every adapter joined the base's product (W + Σ ΔW)
+  }
+}
+
+TEST_CASE("conv2d adapters fold into the base's product only when every one that runs can", "[conv2d][shared]") {
+  const auto g = kGeos[0];
+  const Mat<double> x = random_mat<double>(2, g.in_size(), 6);
+  Mat<double> y(2, g.out_size());
+  for (int variant = 0; variant < 4; ++variant) {
+    const bool dora = variant % 2 == 1, dropout = variant >= 2;
+    CAPTURE(dora, dropout);
+    auto l = make_layer<double>(g, dora, dropout);
+    auto ctx = l.make_context(2);
+    l.train();
+    l.forward(ctx, x, y);
+    CHECK(ctx.image_wise);
+    CHECK(ctx.folded == (!dora && !dropout));  // DoRA rescales per channel; dropout changes LoRA's input
+    l.eval();
+    l.forward(ctx, x, y);
+    CHECK(ctx.folded == !dora);
+    l.set_adapter(std::vector<std::string>{"h", "k"});  // LoHa and LoKr alone always fold
+    l.forward(ctx, x, y);
+    CHECK(ctx.folded);
   }
 }

@@ -162,6 +162,7 @@ struct DeltaOps<Conv2d<T, Backend>> {
     Conv2dGeometry geo;  ///< the base's geometry when the context was made
     typename Backend::template buffer<T> cols;  ///< one image's columns [C·kh·kw, Ho·Wo] (also the col2im input)
     typename Backend::template buffer<T> grad_sum;  ///< on the base's columns: Σ_n dy_n cols(x_n)ᵀ [O, C·kh·kw], shared by the slots
+    bool folded = false;  ///< the last forward added ΔW of every slot that ran to the base's product (DeltaImageSteps::fold)
   };
 
   static Index rows(const base_type& b) { return b.geometry().out_channels; }
@@ -215,8 +216,19 @@ template <class T, class Backend>
 struct DeltaImageSteps {
   using Scratch = typename Backend::template GemmScratch<T>;
 
+  /// w += ΔW for every slot that ran (w: the base weight of this forward's product); forward and backward then
+  /// leave y and dcols to the base. Always worth it: one [O, C·kh·kw] sum against a product of that size per image.
+  template <class Ctx, class Adapters>
+  static void fold(const Adapters& ads, Ctx& ctx, MatrixView<T> w) {
+    for (int slot : ctx.ran) {
+      const auto& a = ads[std::size_t(slot)];
+      Backend::axpby(T(1), ConstMatrixView<T>(ctx.slots[std::size_t(slot)].delta.view(a.rows, a.cols)), T(1), w);
+    }
+    ctx.op.folded = true;
+  }
   template <class Ctx, class Adapters>
   static void forward(const Adapters& ads, Ctx& ctx, Scratch& scratch, ConstMatrixView<T> cols, MatrixView<T> yn) {
+    if (ctx.op.folded) return;
     for (int slot : ctx.ran) {
       const auto& a = ads[std::size_t(slot)];
       Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), ConstMatrixView<T>(ctx.slots[std::size_t(slot)].delta.view(a.rows, a.cols)),
@@ -233,7 +245,7 @@ struct DeltaImageSteps {
     if (ctx.ran.empty()) return;
     if (needs_columns(ads, ctx))
       Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), dyn, cols, first ? T(0) : T(1), ctx.op.grad_sum.view(dyn.rows, cols.rows));
-    if (dcols.empty()) return;
+    if (dcols.empty() || ctx.op.folded) return;
     for (int slot : ctx.ran) {
       const auto& a = ads[std::size_t(slot)];
       Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), ConstMatrixView<T>(ctx.slots[std::size_t(slot)].delta.view(a.rows, a.cols)),
@@ -640,8 +652,11 @@ class LohaBankImpl {
   bool image_ready(const std::vector<int>&) const requires is_conv { return true; }
   void image_begin(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T>, bool dropout_on, std::uint64_t seed,
                    std::uint64_t stream0) const requires is_conv {
+    ctx.op.folded = false;
     prepare(ctx, scratch, active, dropout_on, seed, stream0);
   }
+  bool image_can_fold(const Context&, Index) const requires is_conv { return true; }
+  void image_fold(Context& ctx, Scratch&, MatrixView<T> w) const requires is_conv { steps::fold(adapters_, ctx, w); }
   void image_forward(Context& ctx, Scratch& scratch, Index, ConstMatrixView<T> cols, MatrixView<T> yn) const requires is_conv {
     steps::forward(adapters_, ctx, scratch, cols, yn);
   }

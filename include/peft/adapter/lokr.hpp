@@ -516,8 +516,11 @@ class LokrBankImpl {
   bool image_ready(const std::vector<int>&) const requires is_conv { return true; }
   void image_begin(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T>, bool dropout_on, std::uint64_t seed,
                    std::uint64_t stream0) const requires is_conv {
+    ctx.op.folded = false;
     prepare(ctx, scratch, active, dropout_on, seed, stream0);
   }
+  bool image_can_fold(const Context&, Index) const requires is_conv { return true; }
+  void image_fold(Context& ctx, Scratch&, MatrixView<T> w) const requires is_conv { steps::fold(adapters_, ctx, w); }
   void image_forward(Context& ctx, Scratch& scratch, Index, ConstMatrixView<T> cols, MatrixView<T> yn) const requires is_conv {
     steps::forward(adapters_, ctx, scratch, cols, yn);
   }

@@ -56,6 +56,7 @@ class LoraBank<Conv2d<T, Backend>> {
     buffer<T> base_grad;     ///< [batch, O·P]: (Π g) ⊙ dy, the gradient of the base output (see base_output_grad)
     buffer<T> prod;          ///< [O]: Π g over the DoRA slots without dropout
     bool base_grad_given = false;
+    bool folded = false;  ///< the last forward added s·B·A of every slot that ran to the base's product (image_fold)
   };
 
   std::size_t size() const noexcept { return adapters_.size(); }
@@ -117,6 +118,7 @@ class LoraBank<Conv2d<T, Backend>> {
       scratch.reserve_gemm(o, a.r, p);
       scratch.reserve_gemm(a.r, k, p);
       scratch.reserve_gemm(k, p, a.r);
+      scratch.reserve_gemm(o, k, a.r);  // image_fold: W += s·B·A
       if (a.dora()) {
         any_dora = true;
         s.q.resize(std::size_t(max_batch * o * p));
@@ -214,6 +216,7 @@ class LoraBank<Conv2d<T, Backend>> {
   void image_begin(Context& ctx, Scratch& scratch, const std::vector<int>& active, ConstMatrixView<T> x, bool dropout_on, std::uint64_t seed,
                    std::uint64_t stream0) const {
     ctx.ran.assign(active.begin(), active.end());
+    ctx.folded = false;
     for (int slot : active) {
       const auto& a = adapters_[std::size_t(slot)];
       auto& s = ctx.slots[std::size_t(slot)];
@@ -225,9 +228,28 @@ class LoraBank<Conv2d<T, Backend>> {
       if (a.dora()) dora_gains(ctx, s, scratch, a, bound_base("forward"));
     }
   }
+  /// Whether the slots that run can join the base's product as s·B·A (no DoRA, no dropout active, no lora_bias), and
+  /// whether that pays: folding costs O·(C·kh·kw)·r once, running per image batch·Ho·Wo·r·(C·kh·kw + O).
+  bool image_can_fold(const Context& ctx, Index batch) const {
+    const Index k = ctx.geo.patch(), p = ctx.geo.positions(), o = ctx.geo.out_channels;
+    if (double(batch) * double(p) * double(k + o) < double(o) * double(k)) return false;
+    return std::none_of(ctx.ran.begin(), ctx.ran.end(), [&](int slot) {
+      const auto& a = adapters_[std::size_t(slot)];
+      return a.dora() || a.config.lora_bias || ctx.slots[std::size_t(slot)].dropped;
+    });
+  }
+  /// w += s·B·A for every slot that runs (w: the base weight of this forward's product).
+  void image_fold(Context& ctx, Scratch& scratch, MatrixView<T> w) const {
+    for (int slot : ctx.ran) {
+      const auto& a = adapters_[std::size_t(slot)];
+      Backend::template gemm<Trans::no, Trans::no>(scratch, a.scaling, a.B(), a.A(), T(1), w);
+    }
+    ctx.folded = true;
+  }
   /// Image n: y_n += s · B · (A · cols) (+ s·b_B) for every slot, cols the base's columns of x_n; DoRA slots as
   /// in the file comment, on image n.
   void image_forward(Context& ctx, Scratch& scratch, Index n, ConstMatrixView<T> cols, MatrixView<T> yn) const {
+    if (ctx.folded) return;  // in the base's product already
     const Index o = ctx.geo.out_channels, p = ctx.geo.positions();
     for (int slot : ctx.ran) {
       const auto& a = adapters_[std::size_t(slot)];
@@ -272,6 +294,19 @@ class LoraBank<Conv2d<T, Backend>> {
                       MatrixView<T> dcols, GradMode mode) {
     const Index k = ctx.geo.patch(), p = ctx.geo.positions(), o = ctx.geo.out_channels;
     const T b = first && mode == GradMode::overwrite ? T(0) : T(1);
+    if (ctx.folded) {  // the base's dcols used W + Σ s·B·A; only the parameter gradients are left (t made again here)
+      for (int slot : ctx.ran) {
+        auto& a = adapters_[std::size_t(slot)];
+        if (!a.requires_grad) continue;
+        auto t = MatrixView<T>(ctx.slots[std::size_t(slot)].t.data() + n * a.r * p, a.r, p);
+        auto g = ctx.g.view(a.r, p);
+        Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), a.A(), cols, T(0), t);
+        Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), a.B(), dyn, T(0), g);
+        Backend::template gemm<Trans::no, Trans::yes>(scratch, a.scaling, dyn, ConstMatrixView<T>(t), b, a.grad_B());
+        Backend::template gemm<Trans::no, Trans::yes>(scratch, a.scaling, ConstMatrixView<T>(g), cols, b, a.grad_A());
+      }
+      return;
+    }
     ConstMatrixView<T> d = dyn;  // gradient w.r.t. image n of the running output after the slot being processed
     MatrixView<T> d_buf;         // where d lives once a DoRA slot without dropout has scaled it
     for (auto it = ctx.ran.rbegin(); it != ctx.ran.rend(); ++it) {

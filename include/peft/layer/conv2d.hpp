@@ -138,14 +138,16 @@ class Conv2d {
   }
   /// forward_into, calling per_image(n, cols) after image n's product, with cols = im2col(x_n) [C·kh·kw, Ho·Wo]:
   /// adapters that see the same input add their terms from the same columns (one im2col per image in all).
+  /// `weight` (empty: the layer's) replaces W in the product: adapters that fold their ΔW into it (W + ΔW).
   template <class F>
-  void forward_into(Context& ctx, ConstMatrixView<T> x, MatrixView<T> y, F&& per_image) const {
+  void forward_into(Context& ctx, ConstMatrixView<T> x, MatrixView<T> y, F&& per_image, ConstMatrixView<T> weight = {}) const {
     const Index k = geo_.patch(), p = geo_.positions(), o = geo_.out_channels;
+    const ConstMatrixView<T> w = weight.empty() ? ConstMatrixView<T>(weight_.view()) : weight;
     auto cols = ctx.cols.view(k, p);
     for (Index n = 0; n < x.rows; ++n) {
       Backend::im2col(geo_, x.data + n * x.stride, cols);
       auto yn = image(y, n, o, p);
-      Backend::template gemm<Trans::no, Trans::no>(ctx.scratch, T(1), weight_.view(), ConstMatrixView<T>(cols), T(0), yn);
+      Backend::template gemm<Trans::no, Trans::no>(ctx.scratch, T(1), w, ConstMatrixView<T>(cols), T(0), yn);
       if (has_bias()) Backend::add_col_vector(yn, bias_.data(), T(1));
       per_image(n, ConstMatrixView<T>(cols));
     }
@@ -157,11 +159,13 @@ class Conv2d {
   /// `need_cols` or the weight is trainable; the last image's columns are kept from forward), the weight and bias
   /// gradients (params_beta for the first image processed), then per_image(n, cols, dcols, first), which may add its
   /// terms to dcols, and one col2im of dcols into dx_n (dx = input_beta · dx + ...). cols and dcols are empty views
-  /// when not computed.
+  /// when not computed. `weight` (empty: the layer's) is the W of dcols = Wᵀ·dy_n: the W + ΔW of a forward_into
+  /// that folded adapters into its product (the weight gradient is the same either way).
   template <class F>
   void backward_images(Context& ctx, ConstMatrixView<T> x, ConstMatrixView<T> dy, MatrixView<T> dx, T input_beta, T params_beta,
-                       bool need_cols, F&& per_image) {
+                       bool need_cols, F&& per_image, ConstMatrixView<T> weight = {}) {
     const Index k = geo_.patch(), p = geo_.positions(), o = geo_.out_channels;
+    const ConstMatrixView<T> w = weight.empty() ? ConstMatrixView<T>(weight_.view()) : weight;
     const bool want_cols = need_cols || requires_grad_;
     auto cols = ctx.cols.view(k, p);
     auto dcols = ctx.dcols.view(k, p);
@@ -169,7 +173,7 @@ class Conv2d {
     for (Index n = dy.rows - 1; n >= 0; --n) {
       const bool first = n == dy.rows - 1;
       const auto dyn = image(dy, n, o, p);
-      if (!dx.empty()) Backend::template gemm<Trans::yes, Trans::no>(ctx.scratch, T(1), weight_.view(), dyn, T(0), dcols);
+      if (!dx.empty()) Backend::template gemm<Trans::yes, Trans::no>(ctx.scratch, T(1), w, dyn, T(0), dcols);
       if (want_cols && !(n == ctx.cols_image && x.data == ctx.cols_x)) {
         Backend::im2col(geo_, x.data + n * x.stride, cols);
         ctx.cols_image = n;
