@@ -24,12 +24,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 
 step cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DPEFT_ENABLE_CUDA=ON \
   -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_EXAMPLES=OFF -DPEFT_BUILD_TOOLS=OFF -DPEFT_BUILD_CUDA_BENCHMARKS=ON || exit 1
-step cmake --build "$BUILD" --target peft_cuda test_cuda_lora bench_cuda_lora -j "$JOBS" || exit 1
+step cmake --build "$BUILD" --target peft_cuda test_cuda_lora test_cuda_adapters bench_cuda_lora -j "$JOBS" || exit 1
 
 # the tests: Catch2 directly (with durations), then ctest (0 skipped expected on a GPU machine)
 step "$BUILD/tests/test_cuda_lora" --durations yes
-step ctest --test-dir "$BUILD" -R '^test_cuda_lora:' --output-on-failure
-if ctest --test-dir "$BUILD" -R '^test_cuda_lora:' 2>&1 | grep -qi 'skipped'; then
+step "$BUILD/tests/test_cuda_adapters" --durations yes
+step ctest --test-dir "$BUILD" -R '^test_cuda_' --output-on-failure
+if ctest --test-dir "$BUILD" -R '^test_cuda_' 2>&1 | grep -qi 'skipped'; then
   echo "!! some CUDA tests were skipped on a machine that should have a GPU"
   status=1
 fi

@@ -86,6 +86,12 @@ using ConstMatrixView = MatrixView<const T>;
 template <class T>
 constexpr MatrixView<T> view(T* data, Index rows, Index cols) { return MatrixView<T>(data, rows, cols); }
 
+/// A whole buffer (HostBuffer, DeviceBuffer, any type with data() and size()) as one row [1, size].
+template <class Buf>
+auto flat(Buf& b) {
+  return MatrixView<std::remove_pointer_t<decltype(b.data())>>(b.data(), 1, Index(b.size()));
+}
+
 /// Whether the memory spans of two views intersect.
 template <class A, class B>
 bool overlaps(const MatrixView<A>& a, const MatrixView<B>& b) noexcept {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "peft/backend/cuda.hpp"
+#include "conv_index.hpp"
 
 namespace peft {
 namespace cuda {
@@ -95,6 +96,14 @@ void free(void* p) noexcept {
 void zero(void* p, std::size_t bytes) { PEFT_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, g_stream)); }
 void copy_device(void* dst, const void* src, std::size_t bytes) {
   PEFT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, g_stream));
+}
+void upload_bytes(void* dst, const void* src, std::size_t bytes) {
+  PEFT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, g_stream));
+  // From pageable memory the call returns once the bytes are staged, so the caller may reuse them; from
+  // page-locked memory the copy is truly asynchronous: wait for it.
+  cudaPointerAttributes at{};
+  if (cudaPointerGetAttributes(&at, src) != cudaSuccess) (void)cudaGetLastError();
+  else if (at.type == cudaMemoryTypeHost) PEFT_CUDA_CHECK(cudaStreamSynchronize(g_stream));
 }
 void copy_2d(void* dst, std::size_t dpitch, const void* src, std::size_t spitch, std::size_t width, std::size_t height, CopyKind kind) {
   const cudaMemcpyKind k = kind == CopyKind::host_to_device   ? cudaMemcpyHostToDevice
@@ -287,6 +296,126 @@ template <class T> struct StoreAxpby {
 };
 template <class T> struct StoreSqrt { T* out; __device__ void operator()(Index k, T s) const { out[k] = sqrt(s); } };
 
+// ---- token ids ----------------------------------------------------------------------------------------
+
+template <class T> struct GatherRowsOp {
+  Mat<const T> table; const std::int64_t* ids; T alpha, beta; Mat<T> out;
+  __device__ void operator()(Index i, Index j) const {
+    const T v = alpha * table(Index(ids[i]), j);
+    out(i, j) = beta == T(0) ? v : beta * out(i, j) + v;
+  }
+};
+template <class T> struct GatherColsOp {
+  Mat<const T> a; const std::int64_t* ids; Mat<T> out;
+  __device__ void operator()(Index i, Index k) const { out(i, k) = a(k, Index(ids[i])); }
+};
+
+/// The deterministic scatter-add behind scatter_add_rows (by_col = false: dst[ids[i], j] += alpha · src[i, j])
+/// and scatter_add_cols (by_col = true: dst[j, ids[i]] += alpha · src[i, j]). Thread x owns column j of src;
+/// block row y owns the ids in [y·span, (y+1)·span). Every thread reads all n ids in order and adds those of
+/// its range, so each destination element is written by one thread, in the order of i (EigenCpu's), without
+/// atomics.
+template <class T, bool by_col>
+__global__ void k_scatter_add(Index n, Index cols, const std::int64_t* ids, std::int64_t skip, Index span, Mat<const T> src, T alpha,
+                              Mat<T> dst) {
+  const Index j = Index(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= cols) return;
+  const Index lo = Index(blockIdx.y) * span, hi = lo + span;
+  for (Index i = 0; i < n; ++i) {
+    const Index id = Index(ids[i]);
+    if (id == skip || id < lo || id >= hi) continue;
+    if constexpr (by_col) dst(j, id) += alpha * src(i, j);
+    else dst(id, j) += alpha * src(i, j);
+  }
+}
+template <class T, bool by_col>
+void scatter_add(Index n, Index cols, Index table_size, const std::int64_t* ids, std::int64_t skip, Mat<const T> src, T alpha, Mat<T> dst,
+                 const char* what) {
+  if (n <= 0 || cols <= 0 || table_size <= 0) return;
+  constexpr unsigned threads = 128;
+  const Index bx = (cols + threads - 1) / threads;
+  // about 512 blocks in all: enough to fill a GPU, few enough that the repeated reads of ids stay cheap
+  const Index ranges = std::clamp<Index>(512 / bx, 1, std::min<Index>(table_size, 65535));
+  const Index span = (table_size + ranges - 1) / ranges;
+  const dim3 grid(unsigned(bx), unsigned((table_size + span - 1) / span));
+  k_scatter_add<T, by_col><<<grid, threads, 0, g_stream>>>(n, cols, ids, skip, span, src, alpha, dst);
+  check_launch(what);
+}
+
+// ---- Kronecker products -----------------------------------------------------------------------------------
+
+template <class T> struct KronOp {
+  T alpha; Mat<const T> a, b; Index br, bc; T beta; Mat<T> c; bool transposed;
+  __device__ void operator()(Index r, Index s) const {  // element (r, s) of c
+    const Index row = transposed ? s : r, col = transposed ? r : s;  // its place in kron(a, b)
+    const T v = alpha * (a(row / br, col / bc) * b(row % br, col % bc));
+    c(r, s) = beta == T(0) ? v : beta * c(r, s) + v;
+  }
+};
+/// One block of 256 threads per element (i, j) of da: strided partial sums over the b.rows · b.cols terms,
+/// then a tree reduction in shared memory (a fixed order: deterministic).
+template <class T>
+__global__ void k_kron_grad_a(Mat<const T> g, Mat<const T> b, Index br, Index bc, T beta, Mat<T> da, Index da_cols) {
+  __shared__ T part[256];
+  const Index i = Index(blockIdx.x) / da_cols, j = Index(blockIdx.x) % da_cols;
+  T acc = T(0);
+  for (Index t = threadIdx.x; t < br * bc; t += 256) {
+    const Index p = t / bc, q = t % bc;
+    acc += g(i * br + p, j * bc + q) * b(p, q);
+  }
+  part[threadIdx.x] = acc;
+  __syncthreads();
+  for (int w = 128; w > 0; w >>= 1) {
+    if (int(threadIdx.x) < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) da(i, j) = beta == T(0) ? part[0] : beta * da(i, j) + part[0];
+}
+template <class T> struct KronGradBOp {
+  Mat<const T> g, a; Index ar, ac, br, bc; T beta; Mat<T> db;
+  __device__ void operator()(Index p, Index q) const {
+    T acc = beta == T(0) ? T(0) : beta * db(p, q);
+    for (Index i = 0; i < ar; ++i)
+      for (Index j = 0; j < ac; ++j) acc += a(i, j) * g(i * br + p, j * bc + q);
+    db(p, q) = acc;
+  }
+};
+
+// ---- Conv2d -----------------------------------------------------------------------------------------------
+
+template <class T> struct Im2colOp {
+  ConvShape s; const T* x; Mat<T> cols;
+  __device__ void operator()(Index r, Index p) const { cols(r, p) = im2col_at(s, x, r, p); }
+};
+/// One thread per input element (c, ih·W + iw) of dx viewed as [C, H·W].
+template <class T> struct Col2imOp {
+  ConvShape s; const T* dcols; Index ld; T beta; T* dx;
+  __device__ void operator()(Index c, Index hw) const {
+    T* o = dx + c * s.H * s.W + hw;
+    *o = col2im_at(s, dcols, ld, c, hw / s.W, hw % s.W, beta == T(0) ? T(0) : beta * *o);
+  }
+};
+template <class T> struct ScaledRowsOp {
+  Mat<const T> x; const T* v; T b; Mat<T> y;
+  __device__ void operator()(Index i, Index j) const { y(i, j) = b == T(0) ? v[i] * x(i, j) : b * y(i, j) + v[i] * x(i, j); }
+};
+template <class T> struct CopyScaleRowsOp {
+  Mat<T> y; const T* v; Mat<T> keep;
+  __device__ void operator()(Index i, Index j) const {
+    const T t = y(i, j);
+    keep(i, j) = t;
+    y(i, j) = t * v[i];
+  }
+};
+template <class T> struct RescaleRowsOp {
+  Mat<T> q, y; const T *shift, *gain, *offset;
+  __device__ void operator()(Index i, Index j) const {
+    const T qq = q(i, j) + (y(i, j) - (shift ? shift[i] : T(0)));
+    q(i, j) = qq;
+    y(i, j) = gain[i] * qq + (offset ? offset[i] : T(0));
+  }
+};
+
 }  // namespace
 }  // namespace detail
 }  // namespace cuda
@@ -422,6 +551,85 @@ bool CudaBackend::all_finite(ConstMatrixView<T> x) {
   return bad == 0;
 }
 
+template <class T>
+void CudaBackend::kron(std::type_identity_t<T> alpha, std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b,
+                       std::type_identity_t<T> beta, MatrixView<T> c, bool transposed) {
+  const Index rows = a.rows * b.rows, cols = a.cols * b.cols;
+  if (c.rows != (transposed ? cols : rows) || c.cols != (transposed ? rows : cols))
+    throw ShapeError(detail::cat("CudaBackend::kron: c is [", c.rows, ", ", c.cols, "], kron(a, b) is [", rows, ", ", cols, "]",
+                                 transposed ? " (transposed)" : ""));
+  each(c.rows, c.cols, cuda::detail::KronOp<T>{alpha, dev(a), dev(b), b.rows, b.cols, beta, dev(c), transposed}, "kron");
+}
+template <class T>
+void CudaBackend::kron_grad_a(std::type_identity_t<ConstMatrixView<T>> g, std::type_identity_t<ConstMatrixView<T>> b, std::type_identity_t<T> beta,
+                              MatrixView<T> da) {
+  if (da.empty()) return;
+  if (da.rows * da.cols > Index(INT_MAX)) throw ShapeError("CudaBackend::kron_grad_a: too many elements for one grid");
+  cuda::detail::k_kron_grad_a<T><<<unsigned(da.rows * da.cols), 256, 0, cuda::detail::g_stream>>>(dev(g), dev(b), b.rows, b.cols, beta, dev(da),
+                                                                                                  da.cols);
+  cuda::detail::check_launch("kron_grad_a");
+}
+template <class T>
+void CudaBackend::kron_grad_b(std::type_identity_t<ConstMatrixView<T>> g, std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<T> beta,
+                              MatrixView<T> db) {
+  each(db.rows, db.cols, cuda::detail::KronGradBOp<T>{dev(g), dev(a), a.rows, a.cols, db.rows, db.cols, beta, dev(db)}, "kron_grad_b");
+}
+template <class T>
+void CudaBackend::gather_rows(std::type_identity_t<ConstMatrixView<T>> table, const std::int64_t* ids, std::type_identity_t<T> alpha,
+                              std::type_identity_t<T> beta, MatrixView<T> out) {
+  each(out.rows, out.cols, cuda::detail::GatherRowsOp<T>{dev(table), ids, alpha, beta, dev(out)}, "gather_rows");
+}
+template <class T>
+void CudaBackend::scatter_add_rows(std::type_identity_t<ConstMatrixView<T>> src, const std::int64_t* ids, std::type_identity_t<T> alpha,
+                                   MatrixView<T> table, std::int64_t skip) {
+  cuda::detail::scatter_add<T, false>(src.rows, src.cols, table.rows, ids, skip, dev(src), alpha, dev(table), "scatter_add_rows");
+}
+template <class T>
+void CudaBackend::gather_cols(std::type_identity_t<ConstMatrixView<T>> a, const std::int64_t* ids, MatrixView<T> out) {
+  each(out.rows, out.cols, cuda::detail::GatherColsOp<T>{dev(a), ids, dev(out)}, "gather_cols");
+}
+template <class T>
+void CudaBackend::scatter_add_cols(std::type_identity_t<ConstMatrixView<T>> src, const std::int64_t* ids, std::type_identity_t<T> alpha,
+                                   MatrixView<T> a, std::int64_t skip) {
+  cuda::detail::scatter_add<T, true>(src.rows, src.cols, a.cols, ids, skip, dev(src), alpha, dev(a), "scatter_add_cols");
+}
+template <class T>
+void CudaBackend::im2col(const Conv2dGeometry& g, const std::type_identity_t<T>* x, MatrixView<T> cols) {
+  const auto s = cuda::detail::ConvShape::of(g);
+  if (cols.rows != g.patch() || cols.cols != s.Ho * s.Wo)
+    throw ShapeError(detail::cat("CudaBackend::im2col: cols is [", cols.rows, ", ", cols.cols, "], the geometry needs [", g.patch(), ", ",
+                                 s.Ho * s.Wo, "]"));
+  each(cols.rows, cols.cols, cuda::detail::Im2colOp<T>{s, x, dev(cols)}, "im2col");
+}
+template <class T>
+void CudaBackend::col2im(const Conv2dGeometry& g, std::type_identity_t<ConstMatrixView<T>> dcols, std::type_identity_t<T> beta, T* dx) {
+  const auto s = cuda::detail::ConvShape::of(g);
+  if (dcols.rows != g.patch() || dcols.cols != s.Ho * s.Wo)
+    throw ShapeError(detail::cat("CudaBackend::col2im: dcols is [", dcols.rows, ", ", dcols.cols, "], the geometry needs [", g.patch(), ", ",
+                                 s.Ho * s.Wo, "]"));
+  each(g.in_channels, g.in_h * g.in_w, cuda::detail::Col2imOp<T>{s, dcols.data, dcols.stride, beta, dx}, "col2im");
+}
+template <class T>
+void CudaBackend::add_scaled_rows(std::type_identity_t<ConstMatrixView<T>> x, const std::type_identity_t<T>* v, std::type_identity_t<T> beta,
+                                  MatrixView<T> y) {
+  each(y.rows, y.cols, cuda::detail::ScaledRowsOp<T>{dev(x), v, beta, dev(y)}, "add_scaled_rows");
+}
+template <class T>
+void CudaBackend::sum_cols_mul(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b, T* out,
+                               std::type_identity_t<T> alpha, std::type_identity_t<T> beta) {
+  cuda::detail::row_reduce<T>(a.rows, a.cols, cuda::detail::LoadMul<T>{dev(a), dev(b)}, cuda::detail::StoreAxpby<T>{out, alpha, beta},
+                              "sum_cols_mul");
+}
+template <class T>
+void CudaBackend::copy_scale_rows(MatrixView<T> y, const std::type_identity_t<T>* v, MatrixView<T> keep) {
+  each(y.rows, y.cols, cuda::detail::CopyScaleRowsOp<T>{dev(y), v, dev(keep)}, "copy_scale_rows");
+}
+template <class T>
+void CudaBackend::rescale_rows(MatrixView<T> q, MatrixView<T> y, const std::type_identity_t<T>* shift, const std::type_identity_t<T>* gain,
+                               const std::type_identity_t<T>* offset) {
+  each(q.rows, q.cols, cuda::detail::RescaleRowsOp<T>{dev(q), dev(y), shift, gain, offset}, "rescale_rows");
+}
+
 // ---- explicit instantiations ------------------------------------------------------------------------------
 
 #define PEFT_CUDA_INSTANTIATE(T)                                                                                                   \
@@ -448,7 +656,20 @@ bool CudaBackend::all_finite(ConstMatrixView<T> x) {
   template void CudaBackend::dropout<T>(ConstMatrixView<T>, MatrixView<T>, double, std::uint64_t, std::uint64_t);                   \
   template void CudaBackend::random_uniform<T>(Generator&, MatrixView<T>, double, double);                                          \
   template void CudaBackend::random_normal<T>(Generator&, MatrixView<T>, double, double);                                           \
-  template bool CudaBackend::all_finite<T>(ConstMatrixView<T>);
+  template bool CudaBackend::all_finite<T>(ConstMatrixView<T>);                                                                    \
+  template void CudaBackend::kron<T>(T, ConstMatrixView<T>, ConstMatrixView<T>, T, MatrixView<T>, bool);                            \
+  template void CudaBackend::kron_grad_a<T>(ConstMatrixView<T>, ConstMatrixView<T>, T, MatrixView<T>);                               \
+  template void CudaBackend::kron_grad_b<T>(ConstMatrixView<T>, ConstMatrixView<T>, T, MatrixView<T>);                               \
+  template void CudaBackend::gather_rows<T>(ConstMatrixView<T>, const std::int64_t*, T, T, MatrixView<T>);                           \
+  template void CudaBackend::scatter_add_rows<T>(ConstMatrixView<T>, const std::int64_t*, T, MatrixView<T>, std::int64_t);           \
+  template void CudaBackend::gather_cols<T>(ConstMatrixView<T>, const std::int64_t*, MatrixView<T>);                                 \
+  template void CudaBackend::scatter_add_cols<T>(ConstMatrixView<T>, const std::int64_t*, T, MatrixView<T>, std::int64_t);           \
+  template void CudaBackend::im2col<T>(const Conv2dGeometry&, const T*, MatrixView<T>);                                              \
+  template void CudaBackend::col2im<T>(const Conv2dGeometry&, ConstMatrixView<T>, T, T*);                                            \
+  template void CudaBackend::add_scaled_rows<T>(ConstMatrixView<T>, const T*, T, MatrixView<T>);                                     \
+  template void CudaBackend::sum_cols_mul<T>(ConstMatrixView<T>, ConstMatrixView<T>, T*, T, T);                                      \
+  template void CudaBackend::copy_scale_rows<T>(MatrixView<T>, const T*, MatrixView<T>);                                             \
+  template void CudaBackend::rescale_rows<T>(MatrixView<T>, MatrixView<T>, const T*, const T*, const T*);
 
 PEFT_CUDA_INSTANTIATE(float)
 PEFT_CUDA_INSTANTIATE(double)

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "gpu_skip.hpp"
 #include "test_util.hpp"
 
 using namespace peft;
@@ -26,20 +27,6 @@ using peft::test::Mat;
 using peft::test::random_mat;
 
 namespace {
-
-bool gpu_available() {
-  static const bool yes = cuda::device_count() > 0;
-  return yes;
-}
-
-#define PEFT_REQUIRE_GPU()                                                                                           \
-  do {                                                                                                               \
-    if (!gpu_available()) {                                                                                          \
-      std::cout << "SKIPPED: no CUDA device (cudaGetDeviceCount reports none); this test needs a GPU" << std::endl; \
-      WARN("SKIPPED: no CUDA device");                                                                               \
-      return;                                                                                                        \
-    }                                                                                                                \
-  } while (0)
 
 using Gpu = CudaBackend;
 

@@ -2,6 +2,7 @@
 // PEFT's properties, real PEFT numbers, bad input.
 #include <catch2/catch.hpp>
 
+#include "../../src/cuda/conv_index.hpp"
 #include "conv_ref.hpp"
 #include "layer_check.hpp"
 #include "reference.hpp"
@@ -173,4 +174,45 @@ TEST_CASE("conv2d: a context made for another geometry is refused even when the 
   l.base().set_input_size(16, 8);  // same C·H·W and Ho·Wo, transposed
   Mat<float> x(1, 3 * 16 * 8), y(1, 4 * 16 * 8);
   REQUIRE_THROWS_WITH(l.forward(ctx, x, y), Catch::Contains("another input size"));
+}
+
+// The CUDA backend's im2col and col2im kernels compute one element each with these functions
+// (src/cuda/conv_index.hpp); here they run on the host against EigenCpu, so their indexing is checked on
+// machines without a GPU.
+TEST_CASE("conv2d: the CUDA kernels' per-element im2col/col2im arithmetic equals EigenCpu's", "[conv2d][cuda-index]") {
+  using peft::cuda::detail::ConvShape;
+  for (int variant = 0; variant < 4; ++variant) {
+    Conv2dGeometry g;
+    g.in_channels = 3;
+    g.out_channels = 2;
+    g.kernel_h = variant == 0 ? 3 : 2;
+    g.kernel_w = variant == 3 ? 1 : 3;
+    g.stride_h = variant == 1 ? 2 : 1;
+    g.stride_w = variant == 2 ? 3 : (variant == 3 ? 2 : 1);
+    g.pad_h = variant == 2 ? 0 : 1;
+    g.pad_w = variant == 3 ? 0 : 2;
+    g.dilation_h = variant == 2 ? 2 : 1;
+    g.dilation_w = variant == 1 ? 2 : 1;
+    g.in_h = 9;
+    g.in_w = 8;
+    INFO("variant " << variant);
+    const ConvShape s = ConvShape::of(g);
+    const test::Mat<double> x = test::random_mat<double>(1, g.in_size(), 1);
+    test::Mat<double> cols(g.patch(), g.positions()), cols_k(g.patch(), g.positions());
+    EigenCpu::im2col<double>(g, x.data(), cols);
+    for (Index r = 0; r < g.patch(); ++r)
+      for (Index p = 0; p < g.positions(); ++p) cols_k(r, p) = peft::cuda::detail::im2col_at(s, x.data(), r, p);
+    CHECK(test::max_abs_diff(cols_k, cols) == 0.0);
+    for (double beta : {0.0, 0.5}) {
+      const test::Mat<double> dcols = test::random_mat<double>(g.patch(), g.positions(), 2);
+      test::Mat<double> dx = test::random_mat<double>(1, g.in_size(), 3), dx_k = dx;
+      EigenCpu::col2im<double>(g, dcols, beta, dx.data());
+      for (Index c = 0; c < g.in_channels; ++c)
+        for (Index hw = 0; hw < g.in_h * g.in_w; ++hw) {
+          double& o = dx_k(0, c * g.in_h * g.in_w + hw);
+          o = peft::cuda::detail::col2im_at(s, dcols.data(), Index(dcols.cols()), c, hw / g.in_w, hw % g.in_w, beta == 0.0 ? 0.0 : beta * o);
+        }
+      CHECK(test::max_abs_diff(dx_k, dx) < 1e-14);  // the same terms in the same order
+    }
+  }
 }

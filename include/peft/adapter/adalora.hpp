@@ -180,9 +180,9 @@ struct AdaLoraAdapter {
     int k = 0;
     for (int i = 0; i < r0; ++i) {
       if (!keep[std::size_t(i)]) continue;
-      std::copy_n(a0.data() + i * in, in, a.data() + k * in);
-      e[std::size_t(k)] = e0[std::size_t(i)];
-      for (Index o = 0; o < out; ++o) b[std::size_t(o * r + k)] = b0[std::size_t(o * r0 + i)];
+      Backend::copy(ConstMatrixView<T>(a0.data() + i * in, 1, in), MatrixView<T>(a.data() + k * in, 1, in));  // row i of A
+      Backend::copy(ConstMatrixView<T>(e0.data() + i, 1, 1), MatrixView<T>(e.data() + k, 1, 1));
+      Backend::copy(ConstMatrixView<T>(b0.data() + i, out, 1, r0), MatrixView<T>(b.data() + k, out, 1, r));  // column i of B
       ++k;
     }
   }
@@ -252,9 +252,9 @@ class AdaLoraBank<Linear<T, Backend>> {
     a.scaling = cfg.lora_alpha > 0 ? cfg.lora_alpha : double(r);
     a.shape(r);
     const double sd = cfg.init_lora_weights ? 0.02 : 1.0;
-    gen.normal(a.a.data(), a.a.size(), 0.0, sd);
-    gen.normal(a.b.data(), a.b.size(), 0.0, sd);
-    if (!cfg.init_lora_weights) gen.normal(a.e.data(), a.e.size(), 0.0, 1.0);  // else E = 0 (resize zeroes)
+    Backend::random_normal(gen, flat(a.a), 0.0, sd);
+    Backend::random_normal(gen, flat(a.b), 0.0, sd);
+    if (!cfg.init_lora_weights) Backend::random_normal(gen, flat(a.e), 0.0, 1.0);  // else E = 0 (resize zeroes)
     adapters_.push_back(std::move(a));
     return int(adapters_.size() - 1);
   }
@@ -415,6 +415,8 @@ void for_each_adapter(Model& model, const std::string& name, F&& f) {
   peft::for_each_layer(model, [&](auto& layer, const std::string& path) {
     using L = std::remove_cvref_t<decltype(layer)>;
     if constexpr (AdaLoraLayer<L>) {
+      static_assert(L::backend_type::host_accessible,
+                    "AdaLoRA's rank allocator and orthogonal regulariser run on the host: not available for a device backend yet");
       if (!layer.has_adapter(name)) return;
       auto* a = [&]() -> decltype(&layer.template adapter<AdaLora>(name)) {
         try {
@@ -435,6 +437,7 @@ void for_each_adapter(Model& model, const std::string& name, F&& f) {
 /// (zero where a norm is zero, as PyTorch's). Allocates nothing.
 template <class T, class Backend>
 double orth_reg_adapter(AdaLoraAdapter<T, Backend>& a, double coeff) {
+  static_assert(Backend::host_accessible, "AdaLoRA's orthogonal regulariser runs on the host: not available for a device backend yet");
   if (a.r == 0) return 0.0;
   auto cov = a.cov.view(a.r, a.r);
   auto minus_identity_norm = [&]() {

@@ -152,11 +152,8 @@ class Ia3Bank {
     in_kernel_ = geo.in_kernel;
     a.l.resize(std::size_t(a.size));
     a.grad_l.resize(std::size_t(a.size));
-    if (cfg.init_ia3_weights) {
-      for (std::size_t i = 0; i < a.l.size(); ++i) a.l[i] = T(1);
-    } else {
-      gen.normal(a.l.data(), a.l.size(), 0.0, 1.0);
-    }
+    if (cfg.init_ia3_weights) Backend::fill(a.l.view(1, a.size), T(1));
+    else Backend::random_normal(gen, a.l.view(1, a.size), 0.0, 1.0);
     adapters_.push_back(std::move(a));
     return int(adapters_.size() - 1);
   }
@@ -265,50 +262,60 @@ class Ia3Bank {
   /// ctx.combined = Π l over ctx.ran, skipping `skip`; into ctx.others when skip >= 0.
   void combine(Context& ctx, int skip) const {
     auto& out = skip < 0 ? ctx.combined : ctx.others;
-    const std::size_t n = out.size();
-    for (std::size_t i = 0; i < n; ++i) out[i] = T(1);
-    for (int s : ctx.ran) {
-      if (s == skip) continue;
-      const auto& l = adapters_[std::size_t(s)].l;
-      for (std::size_t i = 0; i < n; ++i) out[i] *= l[i];
-    }
-    if (skip < 0 && !(kImages && !ctx.feedforward)) {  // one factor per feature: channel c covers features [c·P, (c+1)·P)
-      const std::size_t p = ctx.expanded.size() / n;
-      for (std::size_t c = 0; c < n; ++c)
-        for (std::size_t k = 0; k < p; ++k) ctx.expanded[c * p + k] = out[c];
-    }
+    const Index n = Index(out.size());
+    auto o = out.view(1, n);
+    Backend::fill(o, T(1));
+    for (int s : ctx.ran)
+      if (s != skip) Backend::mul(adapters_[std::size_t(s)].l.view(1, n), o);
+    if (skip < 0 && !(kImages && !ctx.feedforward))  // one factor per feature: channel c covers features [c·P, (c+1)·P)
+      expand(ctx.combined.data(), ctx.expanded.view(n, Index(ctx.expanded.size()) / n));
+  }
+  /// e[c, :] = v[c] for every channel c of e [channels, positions].
+  static void expand(const T* v, MatrixView<T> e) {
+    Backend::fill(e, T(0));
+    Backend::add_col_vector(e, v, T(1));
   }
   /// dl_k from the per-feature sums in ctx.reduce (folded over positions here), or from ctx.folded as given.
   void param_grads(Context& ctx, GradMode mode, bool folded_given = false) {
-    const bool acc = mode == GradMode::accumulate;
-    const std::size_t channels = ctx.folded.size(), p = ctx.reduce.size() / channels;
-    for (std::size_t c = 0; c < channels && !folded_given; ++c) {
-      T sum = 0;
-      for (std::size_t k = 0; k < p; ++k) sum += ctx.reduce[c * p + k];
-      ctx.folded[c] = sum;
-    }
+    const T beta = mode == GradMode::accumulate ? T(1) : T(0);
+    const Index channels = Index(ctx.folded.size());
+    if (!folded_given)
+      Backend::sum_cols(ConstMatrixView<T>(ctx.reduce.view(channels, Index(ctx.reduce.size()) / channels)), ctx.folded.data(), T(1), T(0));
     for (int s : ctx.ran) {
       auto& a = adapters_[std::size_t(s)];
       if (!a.requires_grad) continue;
       combine(ctx, s);
-      for (std::size_t i = 0; i < a.grad_l.size(); ++i) {
-        const T g = ctx.folded[i] * ctx.others[i];
-        a.grad_l[i] = acc ? a.grad_l[i] + g : g;
-      }
+      auto others = ctx.others.view(1, channels);
+      Backend::mul(ConstMatrixView<T>(ctx.folded.view(1, channels)), others);  // folded ⊙ Π_{j≠k} l_j
+      Backend::axpby(T(1), ConstMatrixView<T>(others), beta, a.grad_l.view(1, channels));
     }
   }
+  /// Merge: w ⊙ l per row or column (and bias ⊙ l); unmerge: w ⊙ 1 / (l + 1e-8). Not on the hot path: allocates.
   void scale_weight(int slot, MatrixView<T> w, MatrixView<T> bias, bool merge) const {
     const auto& a = adapters_[std::size_t(slot)];
     // the stored weight is [out, in·kernel] (or [in, out]); the vector runs over output or input channels
     const bool along_cols = a.feedforward == weight_out_major_;
     const Index per = a.feedforward && weight_out_major_ ? in_kernel_ : 1;
-    for (Index i = 0; i < w.rows; ++i)
-      for (Index j = 0; j < w.cols; ++j) {
-        const T l = a.l[std::size_t(along_cols ? j / per : i)];
-        w(i, j) = merge ? w(i, j) * l : w(i, j) / (l + T(1e-8));
-      }
-    if (!a.feedforward && !bias.empty())
-      for (Index j = 0; j < bias.size(); ++j) bias.data[j] = merge ? bias.data[j] * a.l[std::size_t(j)] : bias.data[j] / (a.l[std::size_t(j)] + T(1e-8));
+    buffer<T> f(std::size_t(a.size)), wide;
+    auto fv = f.view(1, a.size);
+    if (merge) {
+      Backend::copy(a.l.view(1, a.size), fv);
+    } else {  // 1 / (l + 1e-8), PEFT's unmerge divisor
+      buffer<T> one(std::size_t(a.size));
+      Backend::fill(fv, T(1e-8));
+      Backend::axpby(T(1), a.l.view(1, a.size), T(1), fv);
+      Backend::fill(one.view(1, a.size), T(1));
+      Backend::div(one.view(1, a.size), ConstMatrixView<T>(fv), fv);
+    }
+    const T* factors = f.data();
+    if (along_cols && per > 1) {  // Conv2d input channels: column j of [O, C·kh·kw] belongs to channel j / (kh·kw)
+      wide.resize(std::size_t(a.size * per));
+      expand(f.data(), wide.view(a.size, per));
+      factors = wide.data();
+    }
+    if (along_cols) Backend::scale_cols(w, factors);
+    else Backend::scale_rows(w, factors);
+    if (!a.feedforward && !bias.empty()) Backend::scale_cols(MatrixView<T>(bias.data, 1, bias.size()), f.data());
   }
 
   /// Conv2d: output scaling runs per image on [channels, positions] views with per-row factors.

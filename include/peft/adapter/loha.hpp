@@ -73,10 +73,10 @@ void validate_common(const Config& c, const char* who) {
 }
 
 /// torch.nn.init.kaiming_uniform_(w, a=√5) of a 2-D tensor [rows, cols]: U(±1/√cols).
-template <class T>
+template <class Backend, class T>
 void kaiming_uniform(Generator& gen, T* w, Index rows, Index cols) {
   const double bound = 1.0 / std::sqrt(double(cols));
-  gen.uniform(w, std::size_t(rows * cols), -bound, bound);
+  Backend::random_uniform(gen, MatrixView<T>(w, rows, cols), -bound, bound);
 }
 
 /// Dropout streams: one pair per (kind, slot), disjoint from LoRA's input-dropout streams (stream0 + slot).
@@ -95,28 +95,21 @@ inline bool module_dropped(double p, std::uint64_t seed, std::uint64_t stream) {
 /// PEFT's rank-dropout mask over the n rows of ΔW: keep row i iff u_i > p; with `rescale` the mask is
 /// divided by its mean (LoHa always, LoKr with rank_dropout_scale). If every row is dropped the mask is
 /// all zero (PEFT divides 0 by 0 and gets NaN there).
-template <class T>
-void rank_dropout_mask(T* mask, Index n, double p, bool rescale, std::uint64_t seed, std::uint64_t stream) {
+/// The mask is drawn on the host into `host` (sized at context creation) and uploaded into `mask` [1, n].
+template <class Backend, class T>
+void rank_dropout_mask(std::vector<T>& host, MatrixView<T> mask, double p, bool rescale, std::uint64_t seed, std::uint64_t stream) {
+  const Index n = mask.cols;
   Index kept = 0;
   for (Index i = 0; i < n; ++i) {
     const bool keep = detail::uniform01(seed, stream, std::uint64_t(i)) > p;
-    mask[i] = keep ? T(1) : T(0);
+    host[std::size_t(i)] = keep ? T(1) : T(0);
     kept += keep;
   }
   if (rescale && kept > 0) {
     const T inv_mean = T(double(n) / double(kept));
-    for (Index i = 0; i < n; ++i) mask[i] *= inv_mean;
+    for (Index i = 0; i < n; ++i) host[std::size_t(i)] *= inv_mean;
   }
-}
-
-/// y[i, :] *= v[i] for every row i. (An element-wise op for the backend: v has y.rows elements.)
-template <class T>
-void scale_rows(MatrixView<T> y, const T* v) {
-  for (Index i = 0; i < y.rows; ++i) {
-    T* row = y.data + i * y.stride;
-    const T f = v[i];
-    for (Index j = 0; j < y.cols; ++j) row[j] *= f;
-  }
+  Backend::template upload<T>(ConstMatrixView<T>(host.data(), 1, n), mask);
 }
 
 /// How an additive LyCORIS bank (LoHa, LoKr) applies a materialised ΔW [rows, cols] to its base layer:
@@ -189,8 +182,7 @@ struct DeltaOps<Conv2d<T, Backend>> {
     const Index k = st.geo.patch(), p = st.geo.positions(), o = st.geo.out_channels;
     auto cols = st.cols.view(k, p);
     if (dy.rows == 0)
-      for (Index i = 0; i < g.rows; ++i)
-        for (Index j = 0; j < g.cols; ++j) g(i, j) = T(0);
+      Backend::fill(g, T(0));
     for (Index n = 0; n < dy.rows; ++n) {
       Backend::im2col(st.geo, x.data + n * x.stride, cols);
       Backend::template gemm<Trans::no, Trans::yes>(scratch, alpha, base_type::image(dy, n, o, p), ConstMatrixView<T>(cols),
@@ -434,10 +426,10 @@ struct LohaAdapter {
     scaling = T(LohaConfig::scaling_for(cfg.alpha, cfg.r));
     for (auto* b : {&w1a, &w2a, &grad_w1a, &grad_w2a}) b->resize(std::size_t(rows * r));
     for (auto* b : {&w1b, &w2b, &grad_w1b, &grad_w2b}) b->resize(std::size_t(r * cols));
-    detail::lycoris::kaiming_uniform(gen, w1a.data(), rows, r);
-    detail::lycoris::kaiming_uniform(gen, w1b.data(), r, cols);
-    detail::lycoris::kaiming_uniform(gen, w2a.data(), rows, r);
-    if (!cfg.init_weights) detail::lycoris::kaiming_uniform(gen, w2b.data(), r, cols);  // else zero (resize zeroes)
+    detail::lycoris::kaiming_uniform<Backend>(gen, w1a.data(), rows, r);
+    detail::lycoris::kaiming_uniform<Backend>(gen, w1b.data(), r, cols);
+    detail::lycoris::kaiming_uniform<Backend>(gen, w2a.data(), rows, r);
+    if (!cfg.init_weights) detail::lycoris::kaiming_uniform<Backend>(gen, w2b.data(), r, cols);  // else zero (resize zeroes)
   }
 
   /// The CP form for a conv kernel [rows, channels, kh, kw] with kernel = kh·kw positions, initialised as
@@ -456,12 +448,12 @@ struct LohaAdapter {
     for (auto* b : {&w1a, &w2a, &grad_w1a, &grad_w2a}) b->resize(std::size_t(r * rows));
     for (auto* b : {&w1b, &w2b, &grad_w1b, &grad_w2b}) b->resize(std::size_t(r * channels));
     for (auto* b : {&t1, &t2, &grad_t1, &grad_t2}) b->resize(std::size_t(r * r * kernel));
-    detail::lycoris::kaiming_uniform(gen, w1a.data(), r, rows);
-    detail::lycoris::kaiming_uniform(gen, w1b.data(), r, channels);
-    detail::lycoris::kaiming_uniform(gen, w2a.data(), r, rows);
-    if (!cfg.init_weights) detail::lycoris::kaiming_uniform(gen, w2b.data(), r, channels);  // else zero
-    detail::lycoris::kaiming_uniform(gen, t1.data(), r, r * kernel);
-    detail::lycoris::kaiming_uniform(gen, t2.data(), r, r * kernel);
+    detail::lycoris::kaiming_uniform<Backend>(gen, w1a.data(), r, rows);
+    detail::lycoris::kaiming_uniform<Backend>(gen, w1b.data(), r, channels);
+    detail::lycoris::kaiming_uniform<Backend>(gen, w2a.data(), r, rows);
+    if (!cfg.init_weights) detail::lycoris::kaiming_uniform<Backend>(gen, w2b.data(), r, channels);  // else zero
+    detail::lycoris::kaiming_uniform<Backend>(gen, t1.data(), r, r * kernel);
+    detail::lycoris::kaiming_uniform<Backend>(gen, t2.data(), r, r * kernel);
   }
 
   /// CP form: out = alpha · K1 ⊙ K2 ([rows, cols]); `u1`, `u2` [r, cols] receive the cores t ×₂ w_b (kept for
@@ -562,6 +554,7 @@ class LohaBankImpl {
     struct Slot {
       buffer<T> delta;   ///< ΔW as the last forward used it (scaled, rank-dropout mask applied), [out, in]
       buffer<T> mask;    ///< rank-dropout row mask [out] (only when rank_dropout > 0)
+      std::vector<T> mask_host;  ///< the mask as drawn on the host, before its upload
       buffer<T> u1, u2;  ///< CP form only: the cores t ×₂ w_b of the last forward, [r, in]
       bool masked = false;
     };
@@ -605,7 +598,10 @@ class LohaBankImpl {
       const auto& a = adapters_[i];
       auto& s = ctx.slots[i];
       s.delta.resize(std::size_t(out * in));
-      if (a.config.rank_dropout > 0) s.mask.resize(std::size_t(out));
+      if (a.config.rank_dropout > 0) {
+        s.mask.resize(std::size_t(out));
+        s.mask_host.resize(std::size_t(out));
+      }
       if (a.cp) {
         s.u1.resize(std::size_t(a.r * in));
         s.u2.resize(std::size_t(a.r * in));
@@ -733,9 +729,9 @@ class LohaBankImpl {
       else a.delta(scratch, a.scaling, delta, ctx.temp.view(a.rows, a.cols));
       s.masked = dropout_on && a.config.rank_dropout > 0;
       if (s.masked) {
-        detail::lycoris::rank_dropout_mask(s.mask.data(), a.rows, a.config.rank_dropout, /*rescale=*/true, seed,
-                                           detail::lycoris::rank_stream(stream_tag, stream0, slot));
-        detail::lycoris::scale_rows(delta, s.mask.data());
+        detail::lycoris::rank_dropout_mask<Backend>(s.mask_host, s.mask.view(1, a.rows), a.config.rank_dropout, /*rescale=*/true, seed,
+                                                    detail::lycoris::rank_stream(stream_tag, stream0, slot));
+        Backend::scale_rows(delta, s.mask.data());
       }
     }
   }
@@ -743,7 +739,7 @@ class LohaBankImpl {
   void slot_grads(Context& ctx, Scratch& scratch, int slot, MatrixView<T> g, T beta) {
     auto& a = adapters_[std::size_t(slot)];
     auto& s = ctx.slots[std::size_t(slot)];
-    if (s.masked) detail::lycoris::scale_rows(g, s.mask.data());
+    if (s.masked) Backend::scale_rows(g, s.mask.data());
     if (a.cp)
       a.factor_grads_cp(scratch, ConstMatrixView<T>(g), ctx.temp.view(a.rows, a.cols), ConstMatrixView<T>(s.u1.view(a.r, a.cols)),
                         ConstMatrixView<T>(s.u2.view(a.r, a.cols)), ctx.du.view(a.r, a.cols), beta);

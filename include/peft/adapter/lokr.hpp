@@ -164,56 +164,7 @@ struct LokrConfig {
   }
 };
 
-namespace detail::lokr {
 
-/// c = alpha · kron(a, b) + beta · c, or its transpose when `transposed` (beta == 0 does not read c).
-/// kron(a, b)[i·b.rows + p, j·b.cols + q] = a(i, j) · b(p, q). (An element-wise op for the backend.)
-template <class T>
-void kron(T alpha, ConstMatrixView<T> a, ConstMatrixView<T> b, T beta, MatrixView<T> c, bool transposed) {
-  for (Index i = 0; i < a.rows; ++i)
-    for (Index j = 0; j < a.cols; ++j) {
-      const T aij = a(i, j);
-      for (Index p = 0; p < b.rows; ++p)
-        for (Index q = 0; q < b.cols; ++q) {
-          T& dst = transposed ? c(j * b.cols + q, i * b.rows + p) : c(i * b.rows + p, j * b.cols + q);
-          const T v = alpha * (aij * b(p, q));
-          dst = beta == T(0) ? v : beta * dst + v;
-        }
-    }
-}
-
-/// ∂L/∂a for c = kron(a, b): da(i, j) = Σ_{p,q} g(i·b.rows + p, j·b.cols + q) · b(p, q), stored per beta.
-template <class T>
-void kron_grad_a(ConstMatrixView<T> g, ConstMatrixView<T> b, T beta, MatrixView<T> da) {
-  for (Index i = 0; i < da.rows; ++i)
-    for (Index j = 0; j < da.cols; ++j) {
-      T acc = 0;
-      for (Index p = 0; p < b.rows; ++p) {
-        const T* grow = g.data + (i * b.rows + p) * g.stride + j * b.cols;
-        const T* brow = b.data + p * b.stride;
-        for (Index q = 0; q < b.cols; ++q) acc += grow[q] * brow[q];
-      }
-      da(i, j) = beta == T(0) ? acc : beta * da(i, j) + acc;
-    }
-}
-
-/// ∂L/∂b for c = kron(a, b): db(p, q) = Σ_{i,j} g(i·b.rows + p, j·b.cols + q) · a(i, j), stored per beta.
-template <class T>
-void kron_grad_b(ConstMatrixView<T> g, ConstMatrixView<T> a, T beta, MatrixView<T> db) {
-  for (Index p = 0; p < db.rows; ++p)
-    for (Index q = 0; q < db.cols; ++q) db(p, q) = beta == T(0) ? T(0) : beta * db(p, q);
-  for (Index i = 0; i < a.rows; ++i)
-    for (Index j = 0; j < a.cols; ++j) {
-      const T aij = a(i, j);
-      for (Index p = 0; p < db.rows; ++p) {
-        const T* grow = g.data + (i * db.rows + p) * g.stride + j * db.cols;
-        T* drow = db.data + p * db.stride;
-        for (Index q = 0; q < db.cols; ++q) drow[q] += aij * grow[q];
-      }
-    }
-}
-
-}  // namespace detail::lokr
 
 /// One LoKr adapter: its blocks (full or low-rank factors), their gradients and the scaling. ΔW is the
 /// base weight as a matrix [rows, cols] = [out, in].
@@ -283,19 +234,19 @@ struct LokrAdapter {
     if (layout.full_w1) {
       w1.resize(std::size_t(a * c));
       grad_w1.resize(w1.size());
-      if (!zero_w1) ly::kaiming_uniform(gen, w1.data(), a, c);
+      if (!zero_w1) ly::kaiming_uniform<Backend>(gen, w1.data(), a, c);
     } else {
       w1a.resize(std::size_t(a * r));
       w1b.resize(std::size_t(r * c));
       grad_w1a.resize(w1a.size());
       grad_w1b.resize(w1b.size());
-      if (!zero_w1) ly::kaiming_uniform(gen, w1a.data(), a, r);
-      ly::kaiming_uniform(gen, w1b.data(), r, c);
+      if (!zero_w1) ly::kaiming_uniform<Backend>(gen, w1a.data(), a, r);
+      ly::kaiming_uniform<Backend>(gen, w1b.data(), r, c);
     }
     if (layout.full_w2) {
       w2.resize(std::size_t(b * d));
       grad_w2.resize(w2.size());
-      if (!zero_w2) ly::kaiming_uniform(gen, w2.data(), b, d);
+      if (!zero_w2) ly::kaiming_uniform<Backend>(gen, w2.data(), b, d);
     } else if (cp()) {  // PEFT: w2_a (r, out_k), w2_b (r, in_n), t2 (r, r, kh, kw), t2 always kaiming
       const Index n = layout.in_n, k = kernel();
       w2a.resize(std::size_t(r * b));
@@ -304,16 +255,16 @@ struct LokrAdapter {
       grad_w2a.resize(w2a.size());
       grad_w2b.resize(w2b.size());
       grad_t2.resize(t2.size());
-      ly::kaiming_uniform(gen, w2a.data(), r, b);
-      if (!zero_w2) ly::kaiming_uniform(gen, w2b.data(), r, n);
-      ly::kaiming_uniform(gen, t2.data(), r, r * k);
+      ly::kaiming_uniform<Backend>(gen, w2a.data(), r, b);
+      if (!zero_w2) ly::kaiming_uniform<Backend>(gen, w2b.data(), r, n);
+      ly::kaiming_uniform<Backend>(gen, t2.data(), r, r * k);
     } else {
       w2a.resize(std::size_t(b * r));
       w2b.resize(std::size_t(r * d));
       grad_w2a.resize(w2a.size());
       grad_w2b.resize(w2b.size());
-      ly::kaiming_uniform(gen, w2a.data(), b, r);
-      if (!zero_w2) ly::kaiming_uniform(gen, w2b.data(), r, d);
+      ly::kaiming_uniform<Backend>(gen, w2a.data(), b, r);
+      if (!zero_w2) ly::kaiming_uniform<Backend>(gen, w2b.data(), r, d);
     }
   }
 
@@ -342,20 +293,20 @@ struct LokrAdapter {
   void factor_grads(Scratch& scratch, ConstMatrixView<T> g, ConstMatrixView<T> b1, ConstMatrixView<T> b2, MatrixView<T> gw1,
                     MatrixView<T> gw2, T beta, ConstMatrixView<T> u = {}, MatrixView<T> du = {}) {
     if (layout.full_w1) {
-      detail::lokr::kron_grad_a(g, b2, beta, grad_lokr_w1());
+      Backend::kron_grad_a(g, b2, beta, grad_lokr_w1());
     } else {
-      detail::lokr::kron_grad_a(g, b2, T(0), gw1);
+      Backend::kron_grad_a(g, b2, T(0), gw1);
       Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), ConstMatrixView<T>(gw1), lokr_w1_b(), beta, grad_lokr_w1_a());
       Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), lokr_w1_a(), ConstMatrixView<T>(gw1), beta, grad_lokr_w1_b());
     }
     if (layout.full_w2) {
-      detail::lokr::kron_grad_b(g, b1, beta, grad_lokr_w2());
+      Backend::kron_grad_b(g, b1, beta, grad_lokr_w2());
     } else if (cp()) {
-      detail::lokr::kron_grad_b(g, b1, T(0), gw2);
+      Backend::kron_grad_b(g, b1, T(0), gw2);
       cp_ops::grads(scratch, ConstMatrixView<T>(gw2), lokr_w2_a(), lokr_w2_b(), lokr_t2(), u, du, grad_lokr_w2_a(), grad_lokr_w2_b(),
                     grad_lokr_t2(), kernel(), beta);
     } else {
-      detail::lokr::kron_grad_b(g, b1, T(0), gw2);
+      Backend::kron_grad_b(g, b1, T(0), gw2);
       Backend::template gemm<Trans::no, Trans::yes>(scratch, T(1), ConstMatrixView<T>(gw2), lokr_w2_b(), beta, grad_lokr_w2_a());
       Backend::template gemm<Trans::yes, Trans::no>(scratch, T(1), lokr_w2_a(), ConstMatrixView<T>(gw2), beta, grad_lokr_w2_b());
     }
@@ -425,6 +376,7 @@ class LokrBankImpl {
     struct Slot {
       buffer<T> delta;   ///< ΔW as the last forward used it, [out, in]
       buffer<T> mask;    ///< rank-dropout row mask [out] (only when rank_dropout > 0)
+      std::vector<T> mask_host;  ///< the mask as drawn on the host, before its upload
       buffer<T> w1, w2;  ///< the low-rank blocks' products (only for low-rank blocks)
       buffer<T> u;       ///< CP form: the core t2 ×₂ w2_b of the last forward, [r, in_n·kh·kw]
       bool masked = false;
@@ -465,7 +417,10 @@ class LokrBankImpl {
       const auto& l = a.layout;
       auto& s = ctx.slots[i];
       s.delta.resize(std::size_t(out * in));
-      if (a.config.rank_dropout > 0) s.mask.resize(std::size_t(out));
+      if (a.config.rank_dropout > 0) {
+        s.mask.resize(std::size_t(out));
+        s.mask_host.resize(std::size_t(out));
+      }
       if (!l.full_w1) s.w1.resize(std::size_t(l.out_l * l.in_m));
       if (!l.full_w2) s.w2.resize(std::size_t(l.out_k * a.w2_cols()));
       if (a.cp()) {
@@ -552,7 +507,7 @@ class LokrBankImpl {
     const auto b1 = a.block1(scratch, l.full_w1 ? MatrixView<T>{} : t1.view(l.out_l, l.in_m));
     const auto b2 = a.block2(scratch, l.full_w2 ? MatrixView<T>{} : t2.view(l.out_k, a.w2_cols()),
                              a.cp() ? u.view(a.r, a.w2_cols()) : MatrixView<T>{});
-    detail::lokr::kron(sign * a.scaling, b1, b2, beta, out, a.transposed);
+    Backend::kron(sign * a.scaling, b1, b2, beta, out, a.transposed);
   }
 
   template <class F>
@@ -588,12 +543,12 @@ class LokrBankImpl {
       auto& s = ctx.slots[std::size_t(slot)];
       const auto b1 = block1(a, s, scratch), b2 = block2(a, s, scratch);
       auto delta = s.delta.view(a.rows, a.cols);
-      detail::lokr::kron(a.scaling, b1, b2, T(0), delta, false);
+      Backend::kron(a.scaling, b1, b2, T(0), delta, false);
       s.masked = dropout_on && a.config.rank_dropout > 0;
       if (s.masked) {
-        detail::lycoris::rank_dropout_mask(s.mask.data(), a.rows, a.config.rank_dropout, a.config.rank_dropout_scale, seed,
-                                           detail::lycoris::rank_stream(stream_tag, stream0, slot));
-        detail::lycoris::scale_rows(delta, s.mask.data());
+        detail::lycoris::rank_dropout_mask<Backend>(s.mask_host, s.mask.view(1, a.rows), a.config.rank_dropout, a.config.rank_dropout_scale,
+                                                    seed, detail::lycoris::rank_stream(stream_tag, stream0, slot));
+        Backend::scale_rows(delta, s.mask.data());
       }
     }
   }
@@ -602,7 +557,7 @@ class LokrBankImpl {
     auto& a = adapters_[std::size_t(slot)];
     auto& s = ctx.slots[std::size_t(slot)];
     const auto& l = a.layout;
-    if (s.masked) detail::lycoris::scale_rows(g, s.mask.data());
+    if (s.masked) Backend::scale_rows(g, s.mask.data());
     // the blocks as forward used them (the products of low-rank blocks are kept in the context)
     const ConstMatrixView<T> b1 = l.full_w1 ? a.lokr_w1() : ConstMatrixView<T>(s.w1.view(l.out_l, l.in_m));
     const ConstMatrixView<T> b2 = l.full_w2 ? a.lokr_w2() : ConstMatrixView<T>(s.w2.view(l.out_k, a.w2_cols()));

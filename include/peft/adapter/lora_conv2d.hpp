@@ -71,13 +71,13 @@ class LoraBank<Conv2d<T, Backend>> {
     adapter_type a = adapter_type::shaped(cfg, geo.patch(), geo.out_channels);
     const double bound_a = 1.0 / std::sqrt(double(a.in));  // kaiming-uniform(a=√5): fan_in = C·kh·kw
     switch (cfg.init_lora_weights) {
-      case LoraInit::standard: gen.uniform(a.a.data(), a.a.size(), -bound_a, bound_a); break;
-      case LoraInit::gaussian: gen.normal(a.a.data(), a.a.size(), 0.0, 1.0 / double(a.r)); break;
+      case LoraInit::standard: Backend::random_uniform(gen, flat(a.a), -bound_a, bound_a); break;
+      case LoraInit::gaussian: Backend::random_normal(gen, flat(a.a), 0.0, 1.0 / double(a.r)); break;
       case LoraInit::off: {
         const double bound_b = 1.0 / std::sqrt(double(a.r));  // nn.Conv2d default of the 1×1 conv r → O
-        gen.uniform(a.a.data(), a.a.size(), -bound_a, bound_a);
-        gen.uniform(a.b.data(), a.b.size(), -bound_b, bound_b);
-        if (cfg.lora_bias) gen.uniform(a.bias.data(), a.bias.size(), -bound_b, bound_b);
+        Backend::random_uniform(gen, flat(a.a), -bound_a, bound_a);
+        Backend::random_uniform(gen, flat(a.b), -bound_b, bound_b);
+        if (cfg.lora_bias) Backend::random_uniform(gen, flat(a.bias), -bound_b, bound_b);
         break;
       }
       case LoraInit::zeros: break;
@@ -500,9 +500,10 @@ class LoraBank<Conv2d<T, Backend>> {
   /// The gains repeated over the positions, for the batch-wide path (forward / backward).
   void expand_gains(Context& ctx, typename Context::Slot& s) const {
     const Index o = ctx.geo.out_channels, p = ctx.geo.positions();
-    for (Index c = 0; c < o; ++c) {
-      Backend::fill(MatrixView<T>(s.scale_x.data() + c * p, 1, p), s.scale[std::size_t(c)]);
-      Backend::fill(MatrixView<T>(s.scale_m1_x.data() + c * p, 1, p), s.scale_m1[std::size_t(c)]);
+    for (auto [out, v] : {std::pair{&s.scale_x, &s.scale}, std::pair{&s.scale_m1_x, &s.scale_m1}}) {  // out[c, :] = v[c]
+      auto e = out->view(o, p);
+      Backend::fill(e, T(0));
+      Backend::add_col_vector(e, v->data(), T(1));
     }
   }
 

@@ -41,6 +41,7 @@ class LoraBank<Embedding<T, Backend>> {
     buffer<T> work0, work1;  ///< [n, dim] (DoRA): the scaled LoRA term in forward; running gradients in backward
     buffer<T> wblock;        ///< a block of W + s·ΔW for the norm (DoRA)
     buffer<T> vec;           ///< [dim] (DoRA)
+    typename Backend::IndexStage ids;  ///< the ids where the backend reads them (a device copy on a GPU)
   };
 
   std::size_t size() const noexcept { return adapters_.size(); }
@@ -56,11 +57,11 @@ class LoraBank<Embedding<T, Backend>> {
     switch (cfg.init_lora_weights) {
       case LoraInit::standard:
       case LoraInit::gaussian:  // PEFT treats every truthy init the same on embeddings
-        gen.normal(a.b.data(), a.b.size(), 0.0, 1.0);
+        Backend::random_normal(gen, a.B(), 0.0, 1.0);
         break;
       case LoraInit::off:  // torch.randn for both
-        gen.normal(a.a.data(), a.a.size(), 0.0, 1.0);
-        gen.normal(a.b.data(), a.b.size(), 0.0, 1.0);
+        Backend::random_normal(gen, a.A(), 0.0, 1.0);
+        Backend::random_normal(gen, a.B(), 0.0, 1.0);
         break;
       case LoraInit::zeros: break;
     }
@@ -80,6 +81,7 @@ class LoraBank<Embedding<T, Backend>> {
   void make_context(Context& ctx, Scratch& scratch, Index max_batch) const {
     ctx.slots.resize(adapters_.size());
     ctx.ran.reserve(adapters_.size());
+    ctx.ids.reserve(max_batch);
     Index dora_dim = 0, vocab = 0;
     for (std::size_t i = 0; i < adapters_.size(); ++i) {
       const auto& a = adapters_[i];
@@ -111,11 +113,12 @@ class LoraBank<Embedding<T, Backend>> {
                std::uint64_t) const {
     ctx.ran.assign(active.begin(), active.end());
     const Index n = Index(ids.size());
+    const std::int64_t* staged = active.empty() ? nullptr : ctx.ids.stage(ids);
     for (int slot : active) {
       const auto& a = adapters_[std::size_t(slot)];
       auto& s = ctx.slots[std::size_t(slot)];
       auto t = s.t.view(n, a.r);
-      Backend::gather_cols(a.A(), ids.data(), t);
+      Backend::gather_cols(a.A(), staged, t);
       if (!a.dora()) {
         Backend::template gemm<Trans::no, Trans::yes>(scratch, a.scaling, ConstMatrixView<T>(t), a.B(), T(1), y);
         continue;
@@ -134,8 +137,9 @@ class LoraBank<Embedding<T, Backend>> {
 
   /// Backward of the slots that ran, last first; no input gradient (ids). DoRA: dm = Σ_rows d ⊙ q / norm,
   /// the LoRA gradients with g ⊙ d, and d ← g ⊙ d for what ran before; a trainable table gets the difference.
-  void backward(Context& ctx, Scratch& scratch, TokenIds ids, ConstMatrixView<T> dy, MatrixView<T>, GradMode mode, std::uint64_t) {
+  void backward(Context& ctx, Scratch& scratch, TokenIds, ConstMatrixView<T> dy, MatrixView<T>, GradMode mode, std::uint64_t) {
     const Index n = dy.rows;
+    const std::int64_t* ids = ctx.ids.staged();  // the forward's
     const T beta = mode == GradMode::accumulate ? T(1) : T(0);
     ConstMatrixView<T> d = dy;
     MatrixView<T> d_buf;
@@ -161,13 +165,13 @@ class LoraBank<Embedding<T, Backend>> {
       Backend::template gemm<Trans::no, Trans::no>(scratch, T(1), dl, a.B(), T(0), g);
       Backend::template gemm<Trans::yes, Trans::no>(scratch, a.scaling, dl, ConstMatrixView<T>(s.t.view(n, a.r)), beta, a.grad_B());
       Backend::scale(a.grad_A(), beta);
-      Backend::scatter_add_cols(ConstMatrixView<T>(g), ids.data(), a.scaling, a.grad_A(), padding_idx_);  // as F.embedding(padding_idx)
+      Backend::scatter_add_cols(ConstMatrixView<T>(g), ids, a.scaling, a.grad_A(), padding_idx_);  // as F.embedding(padding_idx)
     }
     if (d_buf.data) {
       auto& base = bound_base("backward");
       if (base.requires_grad()) {  // the table's rows fed an output DoRA rescaled: add (d − dy) to their gradient
         Backend::axpby(T(-1), dy, T(1), d_buf);
-        Backend::scatter_add_rows(ConstMatrixView<T>(d_buf), ids.data(), T(1), base.weight_grad(), padding_idx_);
+        Backend::scatter_add_rows(ConstMatrixView<T>(d_buf), ids, T(1), base.weight_grad(), padding_idx_);
       }
     }
   }

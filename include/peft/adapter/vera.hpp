@@ -86,8 +86,8 @@ class VeraProjections final : public detail::VeraProjectionsBase {
     auto p = shaped(r, max_in, max_out, "VeraProjections::random");
     Generator gen(projection_prng_key);
     const double ba = kaiming_bound(max_in), bb = kaiming_bound(r);
-    gen.uniform(p->a_.data(), p->a_.size(), -ba, ba);
-    gen.uniform(p->b_.data(), p->b_.size(), -bb, bb);
+    Backend::random_uniform(gen, flat(p->a_), -ba, ba);
+    Backend::random_uniform(gen, flat(p->b_), -bb, bb);
     return p;
   }
 
@@ -156,12 +156,17 @@ class VeraProjections final : public detail::VeraProjectionsBase {
       throw ShapeError(detail::cat(where, ": vera_A is [", a.rows, ", ", a.cols, "] and vera_B is [", b.rows, ", ", b.cols,
                                    "]; vera_A's rows and vera_B's columns are the rank r and must be equal"));
   }
+  /// a_ = a, b_ = b (host tensors of any scalar type; converted on the host, then uploaded).
   template <class U>
   void assign(MatrixView<const U> a, MatrixView<const U> b) {
-    for (Index i = 0; i < a.rows; ++i)
-      for (Index j = 0; j < a.cols; ++j) a_[std::size_t(i * max_in_ + j)] = T(a(i, j));
-    for (Index i = 0; i < b.rows; ++i)
-      for (Index j = 0; j < b.cols; ++j) b_[std::size_t(i * r_ + j)] = T(b(i, j));
+    const auto put = [](MatrixView<const U> src, MatrixView<T> dst) {
+      std::vector<T> host(std::size_t(src.size()));
+      for (Index i = 0; i < src.rows; ++i)
+        for (Index j = 0; j < src.cols; ++j) host[std::size_t(i * src.cols + j)] = T(src(i, j));
+      Backend::template upload<T>(ConstMatrixView<T>(host.data(), src.rows, src.cols), dst);
+    };
+    put(a, MatrixView<T>(a_.data(), a.rows, a.cols, max_in_));
+    put(b, MatrixView<T>(b_.data(), b.rows, b.cols, r_));
   }
 
   int r_ = 0;
@@ -322,10 +327,10 @@ class VeraBank<Linear<T, Backend>> {
     a.grad_lambda_b.resize(std::size_t(out));
     a.grad_lambda_d.resize(std::size_t(a.r));
     if (cfg.init_weights) {  // PEFT's reset_vera_parameters: λ_d = d_initial, λ_b = 0
-      for (std::size_t i = 0; i < a.lambda_d.size(); ++i) a.lambda_d[i] = T(cfg.d_initial);
+      Backend::fill(flat(a.lambda_d), T(cfg.d_initial));
     } else {  // PEFT's update_layer without reset: λ_b = 1, λ_d ~ N(0, 1)
-      for (std::size_t i = 0; i < a.lambda_b.size(); ++i) a.lambda_b[i] = T(1);
-      gen.normal(a.lambda_d.data(), a.lambda_d.size(), 0.0, 1.0);
+      Backend::fill(flat(a.lambda_b), T(1));
+      Backend::random_normal(gen, flat(a.lambda_d), 0.0, 1.0);
     }
     adapters_.push_back(std::move(a));
     return int(adapters_.size() - 1);

@@ -18,12 +18,14 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <utility>
 
 #include "peft/backend/trans.hpp"
+#include "peft/conv_geometry.hpp"
 #include "peft/errors.hpp"
 #include "peft/rng.hpp"
 #include "peft/view.hpp"
@@ -65,6 +67,8 @@ void* alloc(std::size_t bytes);
 void free(void* p) noexcept;
 void zero(void* p, std::size_t bytes);
 void copy_device(void* dst, const void* src, std::size_t bytes);
+/// host → device, asynchronous on the current stream; the host memory may be reused on return (pageable copy).
+void upload_bytes(void* dst, const void* src, std::size_t bytes);
 enum class CopyKind { host_to_device, device_to_host, device_to_device };
 /// A strided copy of `height` rows of `width` bytes; host copies are complete when it returns.
 void copy_2d(void* dst, std::size_t dpitch, const void* src, std::size_t spitch, std::size_t width, std::size_t height, CopyKind kind);
@@ -144,6 +148,8 @@ class DeviceBuffer {
 /// which are for merging and initialisation). Compiled for T = float and double.
 struct CudaBackend {
   static constexpr const char* name = "cuda";
+  /// Buffers hold device memory: host code must not dereference their pointers (use upload / download).
+  static constexpr bool host_accessible = false;
 
   template <class T>
   using buffer = DeviceBuffer<T>;
@@ -240,8 +246,81 @@ struct CudaBackend {
   template <class T>
   static bool all_finite(ConstMatrixView<T> x);
 
-  // Not provided yet (later steps of the CUDA backend): gather_rows, scatter_add_rows, gather_cols,
-  // scatter_add_cols (Embedding), im2col, col2im (Conv2d). Layers that need them do not compile with it.
+  // ---- Kronecker products (LoKr) ------------------------------------------------------------------------
+
+  /// c = alpha · kron(a, b) + beta · c (or its transpose), one thread per element of c.
+  template <class T>
+  static void kron(std::type_identity_t<T> alpha, std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b,
+                   std::type_identity_t<T> beta, MatrixView<T> c, bool transposed);
+  /// da(i, j) (per beta) = Σ_{p,q} g(i·b.rows + p, j·b.cols + q) · b(p, q): one block per element of da, a
+  /// fixed-order tree reduction over its b.rows · b.cols terms (deterministic).
+  template <class T>
+  static void kron_grad_a(std::type_identity_t<ConstMatrixView<T>> g, std::type_identity_t<ConstMatrixView<T>> b, std::type_identity_t<T> beta,
+                          MatrixView<T> da);
+  /// db(p, q) (per beta) = Σ_{i,j} g(i·b.rows + p, j·b.cols + q) · a(i, j): one thread per element of db,
+  /// summing over a in EigenCpu's order.
+  template <class T>
+  static void kron_grad_b(std::type_identity_t<ConstMatrixView<T>> g, std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<T> beta,
+                          MatrixView<T> db);
+
+  // ---- token ids (Embedding, LoRA on embeddings) -------------------------------------------------------
+
+  /// Where gather/scatter find token ids: a device copy of the caller's host ids, made by `stage` (forward)
+  /// into memory reserved at context creation, read again by `staged` (backward). The upload is an
+  /// asynchronous copy from pageable memory: the host ids may change once `stage` returns.
+  struct IndexStage {
+    DeviceBuffer<std::int64_t> dev;
+    Index count = 0;
+    void reserve(Index max_ids) {
+      if (Index(dev.size()) < max_ids) dev.resize(std::size_t(max_ids));
+    }
+    const std::int64_t* stage(std::span<const std::int64_t> ids) {
+      if (ids.size() > dev.size())
+        throw ShapeError(detail::cat("CudaBackend::IndexStage: ", ids.size(), " ids exceed the ", dev.size(), " reserved at make_context"));
+      if (!ids.empty()) cuda::detail::upload_bytes(dev.data(), ids.data(), ids.size() * sizeof(std::int64_t));
+      count = Index(ids.size());
+      return dev.data();
+    }
+    const std::int64_t* staged() const noexcept { return dev.data(); }
+  };
+
+  /// out[i, :] = alpha · table[ids[i], :] + beta · out[i, :]; ids: device pointer (IndexStage), range-checked.
+  template <class T>
+  static void gather_rows(std::type_identity_t<ConstMatrixView<T>> table, const std::int64_t* ids, std::type_identity_t<T> alpha,
+                          std::type_identity_t<T> beta, MatrixView<T> out);
+  /// table[ids[i], :] += alpha · src[i, :], rows equal to `skip` left alone. Deterministic: each element of the
+  /// table adds its contributions in the order of i, as EigenCpu does (no atomics).
+  template <class T>
+  static void scatter_add_rows(std::type_identity_t<ConstMatrixView<T>> src, const std::int64_t* ids, std::type_identity_t<T> alpha,
+                               MatrixView<T> table, std::int64_t skip = -1);
+  /// out[i, k] = a[k, ids[i]].
+  template <class T>
+  static void gather_cols(std::type_identity_t<ConstMatrixView<T>> a, const std::int64_t* ids, MatrixView<T> out);
+  /// a[k, ids[i]] += alpha · src[i, k] (deterministic, in the order of i).
+  template <class T>
+  static void scatter_add_cols(std::type_identity_t<ConstMatrixView<T>> src, const std::int64_t* ids, std::type_identity_t<T> alpha,
+                               MatrixView<T> a, std::int64_t skip = -1);
+
+  // ---- Conv2d: patches of one image, and the per-channel steps on [channels, positions] views ---------------
+
+  /// cols [C·kh·kw, Ho·Wo] = the patches of one image x [C·H·W] (device pointers; zero outside the border).
+  template <class T>
+  static void im2col(const Conv2dGeometry& g, const std::type_identity_t<T>* x, MatrixView<T> cols);
+  /// dx [C·H·W] = beta · dx + Σ of the patch gradients dcols: one thread per input element gathers its
+  /// (ki, kj) terms in EigenCpu's order (deterministic, no atomics).
+  template <class T>
+  static void col2im(const Conv2dGeometry& g, std::type_identity_t<ConstMatrixView<T>> dcols, std::type_identity_t<T> beta, T* dx);
+  template <class T>
+  static void add_scaled_rows(std::type_identity_t<ConstMatrixView<T>> x, const std::type_identity_t<T>* v, std::type_identity_t<T> beta,
+                              MatrixView<T> y);
+  template <class T>
+  static void sum_cols_mul(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b, T* out,
+                           std::type_identity_t<T> alpha, std::type_identity_t<T> beta);
+  template <class T>
+  static void copy_scale_rows(MatrixView<T> y, const std::type_identity_t<T>* v, MatrixView<T> keep);
+  template <class T>
+  static void rescale_rows(MatrixView<T> q, MatrixView<T> y, const std::type_identity_t<T>* shift, const std::type_identity_t<T>* gain,
+                           const std::type_identity_t<T>* offset);
 
  private:
   template <class A, class B>

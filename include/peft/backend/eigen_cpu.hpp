@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <span>
 #include <strings.h>
 #include <type_traits>
 #include <utility>
@@ -107,6 +108,8 @@ inline bool use_blas(Index m, Index n, Index k) {
 /// The CPU backend policy. Stateless; all operations are static and allocation-free.
 struct EigenCpu {
   static constexpr const char* name = "eigen-cpu";
+  /// Buffers hold host memory (host-only algorithms such as AdaLoRA's rank allocator need this).
+  static constexpr bool host_accessible = true;
 
   /// Owning storage in this backend's memory space.
   template <class T>
@@ -178,6 +181,12 @@ struct EigenCpu {
   /// y = value everywhere.
   template <class T>
   static void fill(MatrixView<T> y, std::type_identity_t<T> value) { if (!y.empty()) detail::emap(y).setConstant(value); }
+  /// device = host: on this backend both are host memory, so a copy (the CUDA backend's upload, same contract).
+  template <class T>
+  static void upload(std::type_identity_t<ConstMatrixView<T>> host, MatrixView<T> device) { copy<T>(host, device); }
+  /// host = device (a copy here).
+  template <class T>
+  static void download(std::type_identity_t<ConstMatrixView<T>> device, MatrixView<T> host) { copy<T>(device, host); }
   /// y = x.
   template <class T>
   static void copy(std::type_identity_t<ConstMatrixView<T>> x, MatrixView<T> y) { if (!y.empty()) detail::emap(y) = detail::emap(x); }
@@ -224,6 +233,14 @@ struct EigenCpu {
   static void mul(std::type_identity_t<ConstMatrixView<T>> a, MatrixView<T> y) {
     if (!y.empty()) detail::emap(y).array() *= detail::emap(a).array();
   }
+  /// Where gather/scatter find token ids: on the CPU, the caller's memory itself (a device backend copies them
+  /// into memory reserved at context creation). `stage` in forward, `staged` in backward (the same ids).
+  struct IndexStage {
+    const std::int64_t* ids = nullptr;
+    void reserve(Index) noexcept {}
+    const std::int64_t* stage(std::span<const std::int64_t> v) noexcept { return ids = v.data(); }
+    const std::int64_t* staged() const noexcept { return ids; }
+  };
   /// out[i, :] = alpha · table[ids[i], :] + beta · out[i, :] (embedding lookup; ids already range-checked).
   template <class T>
   static void gather_rows(std::type_identity_t<ConstMatrixView<T>> table, const std::int64_t* ids, std::type_identity_t<T> alpha,
@@ -430,6 +447,55 @@ struct EigenCpu {
       ym.row(i).array() = g * qm.row(i).array() + of;
     }
   }
+  // ---- Kronecker products (LoKr's ΔW = s · kron(w1, w2) and its gradients) ------------------------------
+  /// c = alpha · kron(a, b) + beta · c, or its transpose when `transposed` (beta == 0 does not read c).
+  /// kron(a, b)[i·b.rows + p, j·b.cols + q] = a(i, j) · b(p, q).
+  template <class T>
+  static void kron(std::type_identity_t<T> alpha, std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b,
+                   std::type_identity_t<T> beta, MatrixView<T> c, bool transposed) {
+    for (Index i = 0; i < a.rows; ++i)
+      for (Index j = 0; j < a.cols; ++j) {
+        const T aij = a(i, j);
+        for (Index p = 0; p < b.rows; ++p)
+          for (Index q = 0; q < b.cols; ++q) {
+            T& dst = transposed ? c(j * b.cols + q, i * b.rows + p) : c(i * b.rows + p, j * b.cols + q);
+            const T v = alpha * (aij * b(p, q));
+            dst = beta == T(0) ? v : beta * dst + v;
+          }
+      }
+  }
+  /// ∂L/∂a for c = kron(a, b): da(i, j) = Σ_{p,q} g(i·b.rows + p, j·b.cols + q) · b(p, q), stored per beta.
+  template <class T>
+  static void kron_grad_a(std::type_identity_t<ConstMatrixView<T>> g, std::type_identity_t<ConstMatrixView<T>> b, std::type_identity_t<T> beta,
+                          MatrixView<T> da) {
+    for (Index i = 0; i < da.rows; ++i)
+      for (Index j = 0; j < da.cols; ++j) {
+        T acc = 0;
+        for (Index p = 0; p < b.rows; ++p) {
+          const T* grow = g.data + (i * b.rows + p) * g.stride + j * b.cols;
+          const T* brow = b.data + p * b.stride;
+          for (Index q = 0; q < b.cols; ++q) acc += grow[q] * brow[q];
+        }
+        da(i, j) = beta == T(0) ? acc : beta * da(i, j) + acc;
+      }
+  }
+  /// ∂L/∂b for c = kron(a, b): db(p, q) = Σ_{i,j} g(i·b.rows + p, j·b.cols + q) · a(i, j), stored per beta.
+  template <class T>
+  static void kron_grad_b(std::type_identity_t<ConstMatrixView<T>> g, std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<T> beta,
+                          MatrixView<T> db) {
+    for (Index p = 0; p < db.rows; ++p)
+      for (Index q = 0; q < db.cols; ++q) db(p, q) = beta == T(0) ? T(0) : beta * db(p, q);
+    for (Index i = 0; i < a.rows; ++i)
+      for (Index j = 0; j < a.cols; ++j) {
+        const T aij = a(i, j);
+        for (Index p = 0; p < db.rows; ++p) {
+          const T* grow = g.data + (i * db.rows + p) * g.stride + j * db.cols;
+          T* drow = db.data + p * db.stride;
+          for (Index q = 0; q < db.cols; ++q) drow[q] += aij * grow[q];
+        }
+      }
+  }
+
   /// y = a ⊘ b element-wise (same shapes; y may be a or b).
   template <class T>
   static void div(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b, MatrixView<T> y) {

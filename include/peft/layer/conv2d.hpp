@@ -45,10 +45,10 @@ class Conv2d {
     geo_.validate("Conv2d");
     weight_ = detail::ParamStorage<T, Backend>::owned(g.out_channels, g.patch());
     const double bound = 1.0 / std::sqrt(double(g.patch()));
-    gen.uniform(weight_.data(), weight_.size(), -bound, bound);
+    Backend::random_uniform(gen, flat(weight_), -bound, bound);
     if (bias) {
       bias_ = detail::ParamStorage<T, Backend>::owned(1, g.out_channels);
-      gen.uniform(bias_.data(), bias_.size(), -bound, bound);
+      Backend::random_uniform(gen, flat(bias_), -bound, bound);
     }
   }
   /// A layer over the caller's memory: weight [O, C·kh·kw] (PyTorch's (O, C, kh, kw) as is), bias empty or O.

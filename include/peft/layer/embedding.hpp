@@ -34,6 +34,7 @@ class Embedding {
     TokenIds x;  ///< the ids of the last forward (must stay alive until backward)
     bool has_forward = false;
     typename Backend::template GemmScratch<T> scratch;
+    typename Backend::IndexStage ids;  ///< the ids where the backend reads them (a device copy on a GPU)
   };
 
   Embedding() = default;
@@ -43,10 +44,9 @@ class Embedding {
     if (num_embeddings <= 0 || embedding_dim <= 0)
       throw ShapeError(detail::cat("Embedding: num_embeddings and embedding_dim must be positive, got ", num_embeddings, " and ", embedding_dim));
     weight_ = detail::ParamStorage<T, Backend>::owned(num_embeddings, embedding_dim);
-    gen.normal(weight_.data(), weight_.size(), 0.0, 1.0);
+    Backend::random_normal(gen, weight_.view(), 0.0, 1.0);
     check_padding();
-    if (padding_idx_)
-      for (Index j = 0; j < embedding_dim; ++j) weight_.view()(*padding_idx_, j) = T(0);
+    if (padding_idx_) Backend::fill(MatrixView<T>(weight_.data() + *padding_idx_ * embedding_dim, 1, embedding_dim), T(0));
   }
   /// A table over the caller's memory, [num_embeddings, embedding_dim]; nothing is copied.
   static Embedding borrow(MatrixView<T> weight, std::optional<std::int64_t> padding_idx = std::nullopt) {
@@ -82,6 +82,7 @@ class Embedding {
     if (max_batch <= 0) throw ShapeError(detail::cat("Embedding::make_context: max_batch must be positive, got ", max_batch));
     Context ctx;
     ctx.max_batch = max_batch;
+    ctx.ids.reserve(max_batch);
     return ctx;
   }
 
@@ -101,14 +102,16 @@ class Embedding {
   }
 
   // ---- pieces used by adapted layers -------------------------------------------------------------------
-  void forward_into(Context&, TokenIds ids, MatrixView<T> y) const {
-    Backend::gather_rows(weight_.view(), ids.data(), T(1), T(0), y);
+  void forward_into(Context& ctx, TokenIds ids, MatrixView<T> y) const {
+    Backend::gather_rows(weight_.view(), ctx.ids.stage(ids), T(1), T(0), y);
   }
   void backward_input(Context&, ConstMatrixView<T>, MatrixView<T>, T) const {}
-  void backward_params(Context&, TokenIds ids, ConstMatrixView<T> dy, T beta) {
+  /// `ids` are the last forward's (ctx.x), staged there.
+  void backward_params(Context& ctx, TokenIds ids, ConstMatrixView<T> dy, T beta) {
     auto g = weight_grad();
     Backend::scale(g, beta);
-    Backend::scatter_add_rows(dy, ids.data(), T(1), g, padding_idx_.value_or(-1));
+    if (dy.rows != Index(ids.size())) throw ShapeError(detail::cat("Embedding.backward: dy has ", dy.rows, " rows for ", ids.size(), " ids"));
+    Backend::scatter_add_rows(dy, ctx.ids.staged(), T(1), g, padding_idx_.value_or(-1));
   }
   void check_io(const Context& ctx, TokenIds ids, ConstMatrixView<T> y, const char* where) const {
     const Index n = Index(ids.size());

@@ -86,7 +86,7 @@ class PromptEmbedding {
     if (from_vocab && word_embeddings.empty())
       throw ShapeError("PromptEmbedding: TEXT and SAMPLE_VOCAB initialisation need the model's word embeddings");
     if (!from_vocab) {
-      gen.normal(weight_.data(), weight_.size(), 0.0, 1.0);
+      Backend::random_normal(gen, flat(weight_), 0.0, 1.0);
     } else {
       std::vector<std::int64_t> ids(static_cast<std::size_t>(n));
       if (config.prompt_tuning_init == PromptTuningInit::text) {
@@ -100,7 +100,9 @@ class PromptEmbedding {
       for (Index i = 0; i < n; ++i)
         if (ids[std::size_t(i)] < 0 || ids[std::size_t(i)] >= word_embeddings.rows)
           throw ShapeError(detail::cat("PromptEmbedding: init token id ", ids[std::size_t(i)], " is out of range [0, ", word_embeddings.rows, ")"));
-      Backend::gather_rows(word_embeddings, ids.data(), T(1), T(0), w);
+      typename Backend::IndexStage staged;  // where the backend reads ids (a device copy on a GPU)
+      staged.reserve(n);
+      Backend::gather_rows(word_embeddings, staged.stage(ids), T(1), T(0), w);
     }
     set_requires_grad(!config.inference_mode);
   }

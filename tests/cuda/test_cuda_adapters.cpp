@@ -1,0 +1,231 @@
+// Every weight adapter on Linear, Conv2d and Embedding on the CUDA backend against the CPU backend, and the
+// backend operations those layers add (token-id gather/scatter, im2col/col2im, Kronecker products, per-channel
+// row steps) against EigenCpu.
+//
+// The layer cases are tests/support/backend_parity.hpp's (the same list the OffHost test runs bit for bit on
+// the CPU): seeded initial parameters, two train steps (forward, backward: dx and every gradient, overwrite
+// then accumulate, dropout from the same seed), eval forward, merge (safe_merge), merged forward, unmerge.
+// Tolerances (max |gpu − cpu| / max(1, max |cpu|) per tensor): GPU double 1e-11, GPU float 5e-5 (inputs and
+// parameters are rounded to float; sums run over up to ~60 terms; the CPU reference is double). Backend
+// operations in double: 1e-12.
+//
+// Without a CUDA device every test prints "SKIPPED: no CUDA device" and returns (ctest: skipped).
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <peft/backend/cuda.hpp>
+#include <vector>
+
+#include "backend_parity.hpp"
+#include "gpu_skip.hpp"
+#include "test_util.hpp"
+
+using namespace peft;
+using peft::test::Mat;
+using peft::test::random_mat;
+using Gpu = CudaBackend;
+
+namespace {
+
+/// A host matrix and its device copy.
+struct Twin {
+  Mat<double> h;
+  DeviceBuffer<double> d;
+  explicit Twin(Mat<double> m) : h(std::move(m)), d(std::size_t(h.size())) { Gpu::upload<double>(h, d.view(h.rows(), h.cols())); }
+  MatrixView<double> hv() { return {h.data(), Index(h.rows()), Index(h.cols())}; }
+  MatrixView<double> dv() { return d.view(h.rows(), h.cols()); }
+  double err() const {
+    Mat<double> g(h.rows(), h.cols());
+    Gpu::download<double>(d.view(h.rows(), h.cols()), g);
+    return test::max_abs_diff(g, h) / std::max(1.0, h.cwiseAbs().maxCoeff());
+  }
+};
+constexpr double kOpTol = 1e-12;
+
+}  // namespace
+
+TEST_CASE("cuda: token-id gather and scatter match EigenCpu (repeated ids, padding id, many id ranges)", "[cuda]") {
+  PEFT_REQUIRE_GPU();
+  const Index vocab = 5003, dim = 300, n = 2000, r = 16;
+  std::vector<std::int64_t> ids(static_cast<std::size_t>(n));
+  const Mat<double> u = random_mat<double>(1, n, 3);
+  for (Index i = 0; i < n; ++i)  // 97 distinct ids spread over the table, each about 20 times
+    ids[std::size_t(i)] = std::int64_t(std::floor((u(0, i) + 1.0) * 48.5)) * 51 % vocab;
+  ids[5] = ids[17] = 0;
+  Gpu::IndexStage stage;
+  stage.reserve(n);
+  const std::int64_t* dids = stage.stage(ids);
+  Twin table(random_mat<double>(vocab, dim, 1)), out(random_mat<double>(n, dim, 2)), src(random_mat<double>(n, dim, 3));
+  for (double beta : {0.0, 0.5}) {
+    EigenCpu::gather_rows<double>(table.hv(), ids.data(), 1.5, beta, out.hv());
+    Gpu::gather_rows<double>(table.dv(), dids, 1.5, beta, out.dv());
+    CHECK(out.err() < kOpTol);
+  }
+  for (std::int64_t skip : {std::int64_t(-1), std::int64_t(0)}) {
+    EigenCpu::scatter_add_rows<double>(src.hv(), ids.data(), -0.75, table.hv(), skip);
+    Gpu::scatter_add_rows<double>(src.dv(), dids, -0.75, table.dv(), skip);
+    CHECK(table.err() < kOpTol);
+  }
+  Twin a(random_mat<double>(r, vocab, 4)), t(random_mat<double>(n, r, 5)), gsrc(random_mat<double>(n, r, 6));
+  EigenCpu::gather_cols<double>(a.hv(), ids.data(), t.hv());
+  Gpu::gather_cols<double>(a.dv(), dids, t.dv());
+  CHECK(t.err() < kOpTol);
+  for (std::int64_t skip : {std::int64_t(-1), std::int64_t(0)}) {
+    EigenCpu::scatter_add_cols<double>(gsrc.hv(), ids.data(), 2.0, a.hv(), skip);
+    Gpu::scatter_add_cols<double>(gsrc.dv(), dids, 2.0, a.dv(), skip);
+    CHECK(a.err() < kOpTol);
+  }
+  // the staged copy is independent of the host ids once stage() returns
+  std::vector<std::int64_t> host_ids = ids;
+  dids = stage.stage(host_ids);
+  std::fill(host_ids.begin(), host_ids.end(), std::int64_t(1));
+  EigenCpu::gather_rows<double>(table.hv(), ids.data(), 1.0, 0.0, out.hv());
+  Gpu::gather_rows<double>(table.dv(), dids, 1.0, 0.0, out.dv());
+  CHECK(out.err() < kOpTol);
+}
+
+TEST_CASE("cuda: im2col and col2im match EigenCpu (stride, padding, dilation)", "[cuda]") {
+  PEFT_REQUIRE_GPU();
+  for (int variant = 0; variant < 3; ++variant) {
+    Conv2dGeometry geo;
+    geo.in_channels = 3;
+    geo.out_channels = 4;
+    geo.kernel_h = variant == 0 ? 3 : 2;
+    geo.kernel_w = 3;
+    geo.stride_h = variant == 1 ? 2 : 1;
+    geo.stride_w = variant == 2 ? 3 : 1;
+    geo.pad_h = variant == 2 ? 0 : 1;
+    geo.pad_w = 2;
+    geo.dilation_h = variant == 2 ? 2 : 1;
+    geo.dilation_w = variant == 1 ? 2 : 1;
+    geo.in_h = 11;
+    geo.in_w = 9;
+    INFO("variant " << variant);
+    Twin x(random_mat<double>(1, geo.in_size(), 1)), cols(random_mat<double>(geo.patch(), geo.positions(), 2));
+    EigenCpu::im2col<double>(geo, x.h.data(), cols.hv());
+    Gpu::im2col<double>(geo, x.d.data(), cols.dv());
+    CHECK(cols.err() < kOpTol);
+    for (double beta : {0.0, 1.0, 0.5}) {
+      EigenCpu::col2im<double>(geo, cols.hv(), beta, x.h.data());
+      Gpu::col2im<double>(geo, cols.dv(), beta, x.d.data());
+      CHECK(x.err() < kOpTol);
+    }
+  }
+}
+
+TEST_CASE("cuda: Kronecker products and per-channel row steps match EigenCpu", "[cuda]") {
+  PEFT_REQUIRE_GPU();
+  Twin a(random_mat<double>(4, 3, 1)), b(random_mat<double>(17, 23, 2));
+  for (bool transposed : {false, true}) {
+    Twin c(random_mat<double>(transposed ? 69 : 68, transposed ? 68 : 69, 3));
+    for (double beta : {0.0, 0.5}) {
+      EigenCpu::kron<double>(1.25, a.hv(), b.hv(), beta, c.hv(), transposed);
+      Gpu::kron<double>(1.25, a.dv(), b.dv(), beta, c.dv(), transposed);
+      CHECK(c.err() < kOpTol);
+    }
+  }
+  Twin g(random_mat<double>(68, 69, 4)), da(random_mat<double>(4, 3, 5)), db(random_mat<double>(17, 23, 6));
+  for (double beta : {0.0, 1.0}) {
+    EigenCpu::kron_grad_a<double>(g.hv(), b.hv(), beta, da.hv());
+    Gpu::kron_grad_a<double>(g.dv(), b.dv(), beta, da.dv());
+    CHECK(da.err() < kOpTol);
+    EigenCpu::kron_grad_b<double>(g.hv(), a.hv(), beta, db.hv());
+    Gpu::kron_grad_b<double>(g.dv(), a.dv(), beta, db.dv());
+    CHECK(db.err() < kOpTol);
+  }
+  const Index rows = 37, cols = 150;
+  Twin x(random_mat<double>(rows, cols, 7)), y(random_mat<double>(rows, cols, 8)), q(random_mat<double>(rows, cols, 9));
+  Twin v(random_mat<double>(1, rows, 10)), w(random_mat<double>(1, rows, 11)), o(random_mat<double>(1, rows, 12)), out(random_mat<double>(1, rows, 13));
+  for (double beta : {0.0, 0.5}) {
+    EigenCpu::add_scaled_rows<double>(x.hv(), v.h.data(), beta, y.hv());
+    Gpu::add_scaled_rows<double>(x.dv(), v.d.data(), beta, y.dv());
+    CHECK(y.err() < kOpTol);
+    EigenCpu::sum_cols_mul<double>(x.hv(), y.hv(), out.h.data(), 2.0, beta);
+    Gpu::sum_cols_mul<double>(x.dv(), y.dv(), out.d.data(), 2.0, beta);
+    CHECK(out.err() < kOpTol);
+  }
+  EigenCpu::copy_scale_rows<double>(y.hv(), v.h.data(), q.hv());
+  Gpu::copy_scale_rows<double>(y.dv(), v.d.data(), q.dv());
+  CHECK(y.err() < kOpTol);
+  CHECK(q.err() < kOpTol);
+  EigenCpu::rescale_rows<double>(q.hv(), y.hv(), v.h.data(), w.h.data(), o.h.data());
+  Gpu::rescale_rows<double>(q.dv(), y.dv(), v.d.data(), w.d.data(), o.d.data());
+  CHECK(q.err() < kOpTol);
+  CHECK(y.err() < kOpTol);
+  EigenCpu::rescale_rows<double>(q.hv(), y.hv(), nullptr, w.h.data(), nullptr);
+  Gpu::rescale_rows<double>(q.dv(), y.dv(), nullptr, w.d.data(), nullptr);
+  CHECK(q.err() < kOpTol);
+  CHECK(y.err() < kOpTol);
+}
+
+TEST_CASE("cuda: Linear adapters, CPU double vs GPU double and float", "[cuda]") {
+  PEFT_REQUIRE_GPU();
+  test::parity::linear_cases<Gpu, double>(1e-11);
+  test::parity::linear_cases<Gpu, float>(5e-5);
+}
+
+TEST_CASE("cuda: Conv2d adapters, CPU double vs GPU double and float", "[cuda]") {
+  PEFT_REQUIRE_GPU();
+  test::parity::conv_cases<Gpu, double>(1e-11);
+  test::parity::conv_cases<Gpu, float>(5e-5);
+}
+
+TEST_CASE("cuda: Embedding adapters, CPU double vs GPU double and float", "[cuda]") {
+  PEFT_REQUIRE_GPU();
+  test::parity::embedding_cases<Gpu, double>(1e-11);
+  test::parity::embedding_cases<Gpu, float>(5e-5);
+}
+
+TEST_CASE("cuda: Conv2d and Embedding forward and backward make no device allocation", "[cuda][alloc]") {
+  PEFT_REQUIRE_GPU();
+  Conv2dGeometry geo;
+  geo.in_channels = 8;
+  geo.out_channels = 16;
+  geo.kernel_h = geo.kernel_w = 3;
+  geo.pad_h = geo.pad_w = 1;
+  geo.in_h = geo.in_w = 12;
+  Generator g(5);
+  Adapted<Conv2d<float, Gpu>, Lora, Loha, Lokr, Ia3> conv(Conv2d<float, Gpu>(geo, true, g));
+  LoraConfig lora;
+  lora.r = 4;
+  lora.lora_dropout = 0.1;
+  LohaConfig loha;
+  loha.r = 2;
+  loha.rank_dropout = 0.2;
+  LokrConfig lokr;
+  lokr.r = 2;
+  lokr.rank_dropout = 0.2;
+  conv.add_adapter("l", lora, g);
+  conv.add_adapter("h", loha, g);
+  conv.add_adapter("k", lokr, g);
+  conv.add_adapter("i", Ia3Config{}, g);
+  conv.set_adapter(std::vector<std::string>{"l", "h", "k", "i"});
+  Adapted<Embedding<float, Gpu>, Lora> emb(Embedding<float, Gpu>(1000, 64, g, std::int64_t(0)));
+  LoraConfig el;
+  el.r = 8;
+  el.use_dora = true;
+  emb.add_adapter("a", el, g);
+  emb.base().set_requires_grad(true);
+
+  const Index batch = 6, n = 50;
+  DeviceBuffer<float> x(std::size_t(batch * geo.in_size())), y(std::size_t(batch * geo.out_size())), dx(std::size_t(batch * geo.in_size()));
+  DeviceBuffer<float> ey(std::size_t(n * 64));
+  std::vector<std::int64_t> ids(static_cast<std::size_t>(n));
+  for (Index i = 0; i < n; ++i) ids[std::size_t(i)] = (i * 37) % 1000;
+  auto cc = conv.make_context(batch);
+  auto ec = emb.make_context(n);
+  auto step = [&](Index m) {
+    conv.forward(cc, x.view(m, geo.in_size()), y.view(m, geo.out_size()));
+    conv.backward(cc, y.view(m, geo.out_size()), dx.view(m, geo.in_size()), GradMode::accumulate);
+    emb.forward(ec, TokenIds(ids.data(), std::size_t(m)), ey.view(m, 64));
+    emb.backward(ec, ey.view(m, 64), {}, GradMode::accumulate);
+  };
+  const auto count0 = cuda::allocation_count();
+  for (Index m : {batch, Index(1)}) step(m);  // warm-up (lazy module loading)
+  cuda::synchronize();
+  const auto free0 = cuda::mem_info().free;
+  for (int it = 0; it < 3; ++it)
+    for (Index m : {batch, Index(1)}) step(m);
+  cuda::synchronize();
+  CHECK(cuda::allocation_count() == count0);
+  CHECK(cuda::mem_info().free == free0);
+}
