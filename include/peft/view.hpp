@@ -77,6 +77,8 @@ struct MatrixView {
   constexpr bool contiguous() const noexcept { return stride == cols || rows <= 1; }
   /// Rows [r0, r0 + n).
   constexpr MatrixView row_block(Index r0, Index n) const noexcept { MatrixView v; v.data = data + r0 * stride; v.rows = n; v.cols = cols; v.stride = stride; return v; }
+  /// Columns [c0, c0 + n) of every row (same stride).
+  constexpr MatrixView col_block(Index c0, Index n) const noexcept { MatrixView v; v.data = data + c0; v.rows = rows; v.cols = n; v.stride = stride; return v; }
 };
 
 template <class T>

@@ -5,6 +5,8 @@
 // Built with --expt-relaxed-constexpr: the dropout kernel calls peft's constexpr counter-based generator
 // (peft/rng.hpp) itself, so its masks are the CPU backend's, bit for bit.
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -190,6 +192,28 @@ int to_int(Index v, const char* what) {
 }
 
 // ---- kernels ----------------------------------------------------------------------------------------------
+//
+// Every kernel reads its operands through Mat::operator() / ld, which give the accumulator type (float for
+// bf16 and half storage, T otherwise), computes in it, and writes through Mat::set / st (rounding to the
+// storage type, round to nearest even). Reductions keep their partial sums in the accumulator type.
+
+template <class T> struct Num {
+  using acc = T;
+  __device__ static acc ld(T v) { return v; }
+  __device__ static T st(acc v) { return v; }
+};
+template <> struct Num<bf16> {
+  using acc = float;
+  __device__ static float ld(bf16 v) { return __bfloat162float(__ushort_as_bfloat16(v.bits)); }
+  __device__ static bf16 st(float v) { return bf16::from_bits(__bfloat16_as_ushort(__float2bfloat16_rn(v))); }
+};
+template <> struct Num<half> {
+  using acc = float;
+  __device__ static float ld(half v) { return __half2float(__ushort_as_half(v.bits)); }
+  __device__ static half st(float v) { return half::from_bits(__half_as_ushort(__float2half_rn(v))); }
+};
+template <class T> using acc_t = typename Num<std::remove_const_t<T>>::acc;
+template <class T> __device__ acc_t<T> ld(T v) { return Num<std::remove_const_t<T>>::ld(v); }
 
 /// f(i, j) for every element of a [rows, cols] matrix (2-D grid-stride loops; x runs along a row).
 template <class F>
@@ -208,78 +232,94 @@ void each(Index rows, Index cols, const F& f, const char* what) {
 
 /// store(j, Σ_i load(i, j)) for every column j: a block of 32 x 8 threads owns 32 columns, each of its 8
 /// rows of threads sums every 8th row, then the 8 partial sums are added in a fixed order (deterministic).
-template <class T, class Load, class Store>
+template <class A, class Load, class Store>
 __global__ void k_col_reduce(Index rows, Index cols, Load load, Store store) {
-  __shared__ T part[8][33];
+  __shared__ A part[8][33];
   const Index j = Index(blockIdx.x) * 32 + threadIdx.x;
-  T acc = T(0);
+  A acc = A(0);
   if (j < cols)
     for (Index i = threadIdx.y; i < rows; i += 8) acc += load(i, j);
   part[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && j < cols) {
-    T s = T(0);
+    A s = A(0);
     for (int y = 0; y < 8; ++y) s += part[y][threadIdx.x];
     store(j, s);
   }
 }
-template <class T, class Load, class Store>
+template <class A, class Load, class Store>
 void col_reduce(Index rows, Index cols, const Load& load, const Store& store, const char* what) {
   if (cols <= 0) return;
-  k_col_reduce<T><<<unsigned((cols + 31) / 32), dim3(32, 8), 0, g_stream>>>(rows, cols, load, store);
+  k_col_reduce<A><<<unsigned((cols + 31) / 32), dim3(32, 8), 0, g_stream>>>(rows, cols, load, store);
   check_launch(what);
 }
 
 /// store(i, Σ_j load(i, j)) for every row i: one warp per row, a shuffle reduction (deterministic).
-template <class T, class Load, class Store>
+template <class A, class Load, class Store>
 __global__ void k_row_reduce(Index rows, Index cols, Load load, Store store) {
   const Index i = Index(blockIdx.x) * blockDim.y + threadIdx.y;
   if (i >= rows) return;  // the whole warp leaves together (blockDim.x == 32)
-  T acc = T(0);
+  A acc = A(0);
   for (Index j = threadIdx.x; j < cols; j += 32) acc += load(i, j);
   for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
   if (threadIdx.x == 0) store(i, acc);
 }
-template <class T, class Load, class Store>
+template <class A, class Load, class Store>
 void row_reduce(Index rows, Index cols, const Load& load, const Store& store, const char* what) {
   if (rows <= 0) return;
-  k_row_reduce<T><<<unsigned((rows + 7) / 8), dim3(32, 8), 0, g_stream>>>(rows, cols, load, store);
+  k_row_reduce<A><<<unsigned((rows + 7) / 8), dim3(32, 8), 0, g_stream>>>(rows, cols, load, store);
   check_launch(what);
 }
 
-// element access of a view inside a kernel
+/// Element access of a view inside a kernel: (i, j) reads in the accumulator type, set(i, j, v) stores.
 template <class T>
 struct Mat {
   T* p;
   Index s;
-  __device__ T& operator()(Index i, Index j) const { return p[i * s + j]; }
+  using S = std::remove_const_t<T>;
+  using A = acc_t<S>;
+  __device__ A operator()(Index i, Index j) const { return Num<S>::ld(p[i * s + j]); }
+  __device__ void set(Index i, Index j, A v) const { p[i * s + j] = Num<S>::st(v); }
 };
 template <class T>
 Mat<T> dev(MatrixView<T> v) { return {v.data, v.stride}; }
 
-template <class T> struct SetOp { Mat<T> y; T v; __device__ void operator()(Index i, Index j) const { y(i, j) = v; } };
-template <class T> struct ScaleOp { Mat<T> y; T b; __device__ void operator()(Index i, Index j) const { y(i, j) *= b; } };
-template <class T> struct AxpyOp { T a; Mat<const T> x; Mat<T> y; __device__ void operator()(Index i, Index j) const { y(i, j) += a * x(i, j); } };
-template <class T> struct AxOp { T a; Mat<const T> x; Mat<T> y; __device__ void operator()(Index i, Index j) const { y(i, j) = a * x(i, j); } };
+template <class T> using A_ = acc_t<T>;
+
+template <class T> struct SetOp { Mat<T> y; A_<T> v; __device__ void operator()(Index i, Index j) const { y.set(i, j, v); } };
+template <class T> struct ScaleOp { Mat<T> y; A_<T> b; __device__ void operator()(Index i, Index j) const { y.set(i, j, y(i, j) * b); } };
+template <class T> struct AxpyOp {
+  A_<T> a; Mat<const T> x; Mat<T> y;
+  __device__ void operator()(Index i, Index j) const { y.set(i, j, y(i, j) + a * x(i, j)); }
+};
+template <class T> struct AxOp { A_<T> a; Mat<const T> x; Mat<T> y; __device__ void operator()(Index i, Index j) const { y.set(i, j, a * x(i, j)); } };
 template <class T> struct AxpbyOp {
-  T a; Mat<const T> x; T b; Mat<T> y;
-  __device__ void operator()(Index i, Index j) const { y(i, j) = a * x(i, j) + b * y(i, j); }
+  A_<T> a; Mat<const T> x; A_<T> b; Mat<T> y;
+  __device__ void operator()(Index i, Index j) const { y.set(i, j, a * x(i, j) + b * y(i, j)); }
 };
-template <class T> struct AddRowOp { Mat<T> y; const T* v; T a; __device__ void operator()(Index i, Index j) const { y(i, j) += a * v[j]; } };
-template <class T> struct AddColOp { Mat<T> y; const T* v; T a; __device__ void operator()(Index i, Index j) const { y(i, j) += a * v[i]; } };
-template <class T> struct ScaleColsOp { Mat<T> y; const T* v; __device__ void operator()(Index i, Index j) const { y(i, j) *= v[j]; } };
-template <class T> struct ScaleRowsOp { Mat<T> y; const T* v; __device__ void operator()(Index i, Index j) const { y(i, j) *= v[i]; } };
+template <class T> struct AddRowOp {
+  Mat<T> y; const T* v; A_<T> a;
+  __device__ void operator()(Index i, Index j) const { y.set(i, j, y(i, j) + a * ld(v[j])); }
+};
+template <class T> struct AddColOp {
+  Mat<T> y; const T* v; A_<T> a;
+  __device__ void operator()(Index i, Index j) const { y.set(i, j, y(i, j) + a * ld(v[i])); }
+};
+template <class T> struct ScaleColsOp { Mat<T> y; const T* v; __device__ void operator()(Index i, Index j) const { y.set(i, j, y(i, j) * ld(v[j])); } };
+template <class T> struct ScaleRowsOp { Mat<T> y; const T* v; __device__ void operator()(Index i, Index j) const { y.set(i, j, y(i, j) * ld(v[i])); } };
 template <class T> struct ScaledColsOp {
-  Mat<const T> x; const T* v; T b; Mat<T> y;
-  __device__ void operator()(Index i, Index j) const { y(i, j) = b == T(0) ? x(i, j) * v[j] : b * y(i, j) + x(i, j) * v[j]; }
+  Mat<const T> x; const T* v; A_<T> b; Mat<T> y;
+  __device__ void operator()(Index i, Index j) const {
+    y.set(i, j, b == A_<T>(0) ? x(i, j) * ld(v[j]) : b * y(i, j) + x(i, j) * ld(v[j]));
+  }
 };
-template <class T> struct MulOp { Mat<const T> a; Mat<T> y; __device__ void operator()(Index i, Index j) const { y(i, j) *= a(i, j); } };
-template <class T> struct DivOp { Mat<const T> a, b; Mat<T> y; __device__ void operator()(Index i, Index j) const { y(i, j) = a(i, j) / b(i, j); } };
+template <class T> struct MulOp { Mat<const T> a; Mat<T> y; __device__ void operator()(Index i, Index j) const { y.set(i, j, y(i, j) * a(i, j)); } };
+template <class T> struct DivOp { Mat<const T> a, b; Mat<T> y; __device__ void operator()(Index i, Index j) const { y.set(i, j, a(i, j) / b(i, j)); } };
 template <class T> struct DropoutOp {
-  Mat<const T> x; Mat<T> y; Index cols; double p; std::uint64_t seed, stream; T keep_scale;
+  Mat<const T> x; Mat<T> y; Index cols; double p; std::uint64_t seed, stream; A_<T> keep_scale;
   __device__ void operator()(Index i, Index j) const {
     const bool keep = peft::detail::uniform01(seed, stream, std::uint64_t(i * cols + j)) >= p;  // EigenCpu::dropout's test
-    y(i, j) = keep ? x(i, j) * keep_scale : T(0);
+    y.set(i, j, keep ? x(i, j) * keep_scale : A_<T>(0));
   }
 };
 template <class T> struct FiniteOp {
@@ -287,36 +327,38 @@ template <class T> struct FiniteOp {
   __device__ void operator()(Index i, Index j) const { if (!isfinite(x(i, j))) *bad = 1; }
 };
 
-template <class T> struct LoadX { Mat<const T> x; __device__ T operator()(Index i, Index j) const { return x(i, j); } };
-template <class T> struct LoadSq { Mat<const T> x; __device__ T operator()(Index i, Index j) const { const T v = x(i, j); return v * v; } };
-template <class T> struct LoadMul { Mat<const T> a, b; __device__ T operator()(Index i, Index j) const { return a(i, j) * b(i, j); } };
+template <class T> struct LoadX { Mat<const T> x; __device__ A_<T> operator()(Index i, Index j) const { return x(i, j); } };
+template <class T> struct LoadSq { Mat<const T> x; __device__ A_<T> operator()(Index i, Index j) const { const A_<T> v = x(i, j); return v * v; } };
+template <class T> struct LoadMul { Mat<const T> a, b; __device__ A_<T> operator()(Index i, Index j) const { return a(i, j) * b(i, j); } };
 template <class T> struct StoreAxpby {
-  T* out; T alpha, beta;
-  __device__ void operator()(Index k, T s) const { out[k] = (beta == T(0) ? T(0) : beta * out[k]) + alpha * s; }
+  T* out; A_<T> alpha, beta;
+  __device__ void operator()(Index k, A_<T> s) const {
+    out[k] = Num<T>::st((beta == A_<T>(0) ? A_<T>(0) : beta * ld(out[k])) + alpha * s);
+  }
 };
-template <class T> struct StoreSqrt { T* out; __device__ void operator()(Index k, T s) const { out[k] = sqrt(s); } };
+template <class T> struct StoreSqrt { T* out; __device__ void operator()(Index k, A_<T> s) const { out[k] = Num<T>::st(sqrt(s)); } };
 
 // ---- token ids ----------------------------------------------------------------------------------------
 
 template <class T> struct GatherRowsOp {
-  Mat<const T> table; const std::int64_t* ids; T alpha, beta; Mat<T> out;
+  Mat<const T> table; const std::int64_t* ids; A_<T> alpha, beta; Mat<T> out;
   __device__ void operator()(Index i, Index j) const {
-    const T v = alpha * table(Index(ids[i]), j);
-    out(i, j) = beta == T(0) ? v : beta * out(i, j) + v;
+    const A_<T> v = alpha * table(Index(ids[i]), j);
+    out.set(i, j, beta == A_<T>(0) ? v : beta * out(i, j) + v);
   }
 };
 template <class T> struct GatherColsOp {
   Mat<const T> a; const std::int64_t* ids; Mat<T> out;
-  __device__ void operator()(Index i, Index k) const { out(i, k) = a(k, Index(ids[i])); }
+  __device__ void operator()(Index i, Index k) const { out.p[i * out.s + k] = a.p[k * a.s + Index(ids[i])]; }
 };
 
 /// The deterministic scatter-add behind scatter_add_rows (by_col = false: dst[ids[i], j] += alpha · src[i, j])
 /// and scatter_add_cols (by_col = true: dst[j, ids[i]] += alpha · src[i, j]). Thread x owns column j of src;
 /// block row y owns the ids in [y·span, (y+1)·span). Every thread reads all n ids in order and adds those of
 /// its range, so each destination element is written by one thread, in the order of i (EigenCpu's), without
-/// atomics.
+/// atomics. (With 16-bit storage each addition is rounded to the table's type.)
 template <class T, bool by_col>
-__global__ void k_scatter_add(Index n, Index cols, const std::int64_t* ids, std::int64_t skip, Index span, Mat<const T> src, T alpha,
+__global__ void k_scatter_add(Index n, Index cols, const std::int64_t* ids, std::int64_t skip, Index span, Mat<const T> src, A_<T> alpha,
                               Mat<T> dst) {
   const Index j = Index(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= cols) return;
@@ -324,12 +366,12 @@ __global__ void k_scatter_add(Index n, Index cols, const std::int64_t* ids, std:
   for (Index i = 0; i < n; ++i) {
     const Index id = Index(ids[i]);
     if (id == skip || id < lo || id >= hi) continue;
-    if constexpr (by_col) dst(j, id) += alpha * src(i, j);
-    else dst(id, j) += alpha * src(i, j);
+    if constexpr (by_col) dst.set(j, id, dst(j, id) + alpha * src(i, j));
+    else dst.set(id, j, dst(id, j) + alpha * src(i, j));
   }
 }
 template <class T, bool by_col>
-void scatter_add(Index n, Index cols, Index table_size, const std::int64_t* ids, std::int64_t skip, Mat<const T> src, T alpha, Mat<T> dst,
+void scatter_add(Index n, Index cols, Index table_size, const std::int64_t* ids, std::int64_t skip, Mat<const T> src, A_<T> alpha, Mat<T> dst,
                  const char* what) {
   if (n <= 0 || cols <= 0 || table_size <= 0) return;
   constexpr unsigned threads = 128;
@@ -345,20 +387,20 @@ void scatter_add(Index n, Index cols, Index table_size, const std::int64_t* ids,
 // ---- Kronecker products -----------------------------------------------------------------------------------
 
 template <class T> struct KronOp {
-  T alpha; Mat<const T> a, b; Index br, bc; T beta; Mat<T> c; bool transposed;
+  A_<T> alpha; Mat<const T> a, b; Index br, bc; A_<T> beta; Mat<T> c; bool transposed;
   __device__ void operator()(Index r, Index s) const {  // element (r, s) of c
     const Index row = transposed ? s : r, col = transposed ? r : s;  // its place in kron(a, b)
-    const T v = alpha * (a(row / br, col / bc) * b(row % br, col % bc));
-    c(r, s) = beta == T(0) ? v : beta * c(r, s) + v;
+    const A_<T> v = alpha * (a(row / br, col / bc) * b(row % br, col % bc));
+    c.set(r, s, beta == A_<T>(0) ? v : beta * c(r, s) + v);
   }
 };
 /// One block of 256 threads per element (i, j) of da: strided partial sums over the b.rows · b.cols terms,
 /// then a tree reduction in shared memory (a fixed order: deterministic).
 template <class T>
-__global__ void k_kron_grad_a(Mat<const T> g, Mat<const T> b, Index br, Index bc, T beta, Mat<T> da, Index da_cols) {
-  __shared__ T part[256];
+__global__ void k_kron_grad_a(Mat<const T> g, Mat<const T> b, Index br, Index bc, A_<T> beta, Mat<T> da, Index da_cols) {
+  __shared__ A_<T> part[256];
   const Index i = Index(blockIdx.x) / da_cols, j = Index(blockIdx.x) % da_cols;
-  T acc = T(0);
+  A_<T> acc = A_<T>(0);
   for (Index t = threadIdx.x; t < br * bc; t += 256) {
     const Index p = t / bc, q = t % bc;
     acc += g(i * br + p, j * bc + q) * b(p, q);
@@ -369,15 +411,63 @@ __global__ void k_kron_grad_a(Mat<const T> g, Mat<const T> b, Index br, Index bc
     if (int(threadIdx.x) < w) part[threadIdx.x] += part[threadIdx.x + w];
     __syncthreads();
   }
-  if (threadIdx.x == 0) da(i, j) = beta == T(0) ? part[0] : beta * da(i, j) + part[0];
+  if (threadIdx.x == 0) da.set(i, j, beta == A_<T>(0) ? part[0] : beta * da(i, j) + part[0]);
 }
 template <class T> struct KronGradBOp {
-  Mat<const T> g, a; Index ar, ac, br, bc; T beta; Mat<T> db;
+  Mat<const T> g, a; Index ar, ac, br, bc; A_<T> beta; Mat<T> db;
   __device__ void operator()(Index p, Index q) const {
-    T acc = beta == T(0) ? T(0) : beta * db(p, q);
+    A_<T> acc = beta == A_<T>(0) ? A_<T>(0) : beta * db(p, q);
     for (Index i = 0; i < ar; ++i)
       for (Index j = 0; j < ac; ++j) acc += a(i, j) * g(i * br + p, j * bc + q);
-    db(p, q) = acc;
+    db.set(p, q, acc);
+  }
+};
+
+// ---- activations and the LSTM cell ----------------------------------------------------------------------
+
+template <class T> struct ReluOp {
+  Mat<T> z;
+  __device__ void operator()(Index i, Index j) const { if (z(i, j) < A_<T>(0)) z.set(i, j, A_<T>(0)); }
+};
+template <class T> struct ReluBackOp {
+  Mat<const T> z; Mat<T> dz;
+  __device__ void operator()(Index i, Index j) const { if (!(z(i, j) > A_<T>(0))) dz.set(i, j, A_<T>(0)); }
+};
+template <class T> struct TanhOp { Mat<const T> x; Mat<T> y; __device__ void operator()(Index i, Index j) const { y.set(i, j, tanh(x(i, j))); } };
+template <class T> struct TanhBackOp {
+  Mat<const T> y; Mat<T> dy;
+  __device__ void operator()(Index i, Index j) const { dy.set(i, j, dy(i, j) * (A_<T>(1) - y(i, j) * y(i, j))); }
+};
+template <class A> __device__ A sigmoid(A x) { return A(1) / (A(1) + exp(-x)); }
+/// Hidden unit j of one LSTM step (the same expressions as EigenCpu::lstm_cell).
+template <class T> struct LstmCellOp {
+  Mat<T> gates; Mat<const T> rec, cprev; Mat<T> c, tc, h; Index n;
+  __device__ void operator()(Index, Index j) const {
+    using A = A_<T>;
+    const A ig = sigmoid(gates(0, j) + rec(0, j)), fg = sigmoid(gates(0, n + j) + rec(0, n + j));
+    const A gg = tanh(gates(0, 2 * n + j) + rec(0, 2 * n + j)), og = sigmoid(gates(0, 3 * n + j) + rec(0, 3 * n + j));
+    gates.set(0, j, ig);
+    gates.set(0, n + j, fg);
+    gates.set(0, 2 * n + j, gg);
+    gates.set(0, 3 * n + j, og);
+    const A cc = fg * cprev(0, j) + ig * gg;
+    c.set(0, j, cc);
+    tc.set(0, j, tanh(cc));
+    h.set(0, j, og * tanh(cc));
+  }
+};
+template <class T> struct LstmCellBackOp {
+  Mat<const T> gates, tc, cprev, dy, dh; Mat<T> dcn, dg; Index n;
+  __device__ void operator()(Index, Index j) const {
+    using A = A_<T>;
+    const A ig = gates(0, j), fg = gates(0, n + j), gg = gates(0, 2 * n + j), og = gates(0, 3 * n + j);
+    const A dht = dy(0, j) + dh(0, j);
+    const A dc = dcn(0, j) + dht * og * (A(1) - tc(0, j) * tc(0, j));
+    dg.set(0, j, dc * gg * ig * (A(1) - ig));
+    dg.set(0, n + j, dc * cprev(0, j) * fg * (A(1) - fg));
+    dg.set(0, 2 * n + j, dc * ig * (A(1) - gg * gg));
+    dg.set(0, 3 * n + j, dht * tc(0, j) * og * (A(1) - og));
+    dcn.set(0, j, dc * fg);
   }
 };
 
@@ -385,34 +475,37 @@ template <class T> struct KronGradBOp {
 
 template <class T> struct Im2colOp {
   ConvShape s; const T* x; Mat<T> cols;
-  __device__ void operator()(Index r, Index p) const { cols(r, p) = im2col_at(s, x, r, p); }
+  __device__ void operator()(Index r, Index p) const { cols.p[r * cols.s + p] = im2col_at(s, x, r, p); }
 };
 /// One thread per input element (c, ih·W + iw) of dx viewed as [C, H·W].
 template <class T> struct Col2imOp {
-  ConvShape s; const T* dcols; Index ld; T beta; T* dx;
+  ConvShape s; const T* dcols; Index ld_; A_<T> beta; T* dx;
   __device__ void operator()(Index c, Index hw) const {
     T* o = dx + c * s.H * s.W + hw;
-    *o = col2im_at(s, dcols, ld, c, hw / s.W, hw % s.W, beta == T(0) ? T(0) : beta * *o);
+    const A_<T> init = beta == A_<T>(0) ? A_<T>(0) : beta * ld(*o);
+    *o = Num<T>::st(col2im_at(s, dcols, ld_, c, hw / s.W, hw % s.W, init, [](T v) { return ld(v); }));
   }
 };
 template <class T> struct ScaledRowsOp {
-  Mat<const T> x; const T* v; T b; Mat<T> y;
-  __device__ void operator()(Index i, Index j) const { y(i, j) = b == T(0) ? v[i] * x(i, j) : b * y(i, j) + v[i] * x(i, j); }
+  Mat<const T> x; const T* v; A_<T> b; Mat<T> y;
+  __device__ void operator()(Index i, Index j) const {
+    y.set(i, j, b == A_<T>(0) ? ld(v[i]) * x(i, j) : b * y(i, j) + ld(v[i]) * x(i, j));
+  }
 };
 template <class T> struct CopyScaleRowsOp {
   Mat<T> y; const T* v; Mat<T> keep;
   __device__ void operator()(Index i, Index j) const {
-    const T t = y(i, j);
-    keep(i, j) = t;
-    y(i, j) = t * v[i];
+    keep.p[i * keep.s + j] = y.p[i * y.s + j];
+    y.set(i, j, y(i, j) * ld(v[i]));
   }
 };
 template <class T> struct RescaleRowsOp {
   Mat<T> q, y; const T *shift, *gain, *offset;
   __device__ void operator()(Index i, Index j) const {
-    const T qq = q(i, j) + (y(i, j) - (shift ? shift[i] : T(0)));
-    q(i, j) = qq;
-    y(i, j) = gain[i] * qq + (offset ? offset[i] : T(0));
+    using A = A_<T>;
+    const A qq = q(i, j) + (y(i, j) - (shift ? ld(shift[i]) : A(0)));
+    q.set(i, j, qq);
+    y.set(i, j, ld(gain[i]) * Num<T>::ld(Num<T>::st(qq)) + (offset ? ld(offset[i]) : A(0)));
   }
 };
 
@@ -440,10 +533,16 @@ void CudaBackend::gemm(GemmScratch<T>& scratch, std::type_identity_t<T> alpha, s
   const cublasOperation_t opb = TB == Trans::no ? CUBLAS_OP_N : CUBLAS_OP_T;
   cublasHandle_t h = cuda::detail::gemm_handle(scratch.blas);
   const T al = alpha, be = beta;
-  if constexpr (std::is_same_v<T, float>)
+  if constexpr (std::is_same_v<T, float>) {
     PEFT_CUDA_CHECK(cublasSgemm(h, opb, opa, in, im, ik, &al, b.data, ldb, a.data, lda, &be, c.data, ldc));
-  else
+  } else if constexpr (std::is_same_v<T, double>) {
     PEFT_CUDA_CHECK(cublasDgemm(h, opb, opa, in, im, ik, &al, b.data, ldb, a.data, lda, &be, c.data, ldc));
+  } else {  // 16-bit storage, fp32 accumulation (alpha and beta in float, as CUBLAS_COMPUTE_32F wants)
+    const cudaDataType_t type = std::is_same_v<T, bf16> ? CUDA_R_16BF : CUDA_R_16F;
+    const float alf = float(alpha), bef = float(beta);
+    PEFT_CUDA_CHECK(cublasGemmEx(h, opb, opa, in, im, ik, &alf, b.data, type, ldb, a.data, type, lda, &bef, c.data, type, ldc,
+                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
 }
 
 template <class T>
@@ -501,25 +600,25 @@ void CudaBackend::div(std::type_identity_t<ConstMatrixView<T>> a, std::type_iden
 }
 template <class T>
 void CudaBackend::sum_cols(std::type_identity_t<ConstMatrixView<T>> x, T* out, std::type_identity_t<T> alpha, std::type_identity_t<T> beta) {
-  cuda::detail::row_reduce<T>(x.rows, x.cols, cuda::detail::LoadX<T>{dev(x)}, cuda::detail::StoreAxpby<T>{out, alpha, beta}, "sum_cols");
+  cuda::detail::row_reduce<cuda::detail::acc_t<T>>(x.rows, x.cols, cuda::detail::LoadX<T>{dev(x)}, cuda::detail::StoreAxpby<T>{out, alpha, beta}, "sum_cols");
 }
 template <class T>
 void CudaBackend::sum_rows(std::type_identity_t<ConstMatrixView<T>> x, T* out, std::type_identity_t<T> alpha, std::type_identity_t<T> beta) {
-  cuda::detail::col_reduce<T>(x.rows, x.cols, cuda::detail::LoadX<T>{dev(x)}, cuda::detail::StoreAxpby<T>{out, alpha, beta}, "sum_rows");
+  cuda::detail::col_reduce<cuda::detail::acc_t<T>>(x.rows, x.cols, cuda::detail::LoadX<T>{dev(x)}, cuda::detail::StoreAxpby<T>{out, alpha, beta}, "sum_rows");
 }
 template <class T>
 void CudaBackend::sum_rows_mul(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b, T* out,
                                std::type_identity_t<T> alpha, std::type_identity_t<T> beta) {
-  cuda::detail::col_reduce<T>(a.rows, a.cols, cuda::detail::LoadMul<T>{dev(a), dev(b)}, cuda::detail::StoreAxpby<T>{out, alpha, beta},
+  cuda::detail::col_reduce<cuda::detail::acc_t<T>>(a.rows, a.cols, cuda::detail::LoadMul<T>{dev(a), dev(b)}, cuda::detail::StoreAxpby<T>{out, alpha, beta},
                               "sum_rows_mul");
 }
 template <class T>
 void CudaBackend::row_norms(std::type_identity_t<ConstMatrixView<T>> x, T* out) {
-  cuda::detail::row_reduce<T>(x.rows, x.cols, cuda::detail::LoadSq<T>{dev(x)}, cuda::detail::StoreSqrt<T>{out}, "row_norms");
+  cuda::detail::row_reduce<cuda::detail::acc_t<T>>(x.rows, x.cols, cuda::detail::LoadSq<T>{dev(x)}, cuda::detail::StoreSqrt<T>{out}, "row_norms");
 }
 template <class T>
 void CudaBackend::col_norms(std::type_identity_t<ConstMatrixView<T>> x, T* out) {
-  cuda::detail::col_reduce<T>(x.rows, x.cols, cuda::detail::LoadSq<T>{dev(x)}, cuda::detail::StoreSqrt<T>{out}, "col_norms");
+  cuda::detail::col_reduce<cuda::detail::acc_t<T>>(x.rows, x.cols, cuda::detail::LoadSq<T>{dev(x)}, cuda::detail::StoreSqrt<T>{out}, "col_norms");
 }
 template <class T>
 void CudaBackend::dropout(std::type_identity_t<ConstMatrixView<T>> x, MatrixView<T> y, double p, std::uint64_t seed, std::uint64_t stream) {
@@ -575,6 +674,36 @@ void CudaBackend::kron_grad_b(std::type_identity_t<ConstMatrixView<T>> g, std::t
   each(db.rows, db.cols, cuda::detail::KronGradBOp<T>{dev(g), dev(a), a.rows, a.cols, db.rows, db.cols, beta, dev(db)}, "kron_grad_b");
 }
 template <class T>
+void CudaBackend::relu_forward(MatrixView<T> z) {
+  each(z.rows, z.cols, cuda::detail::ReluOp<T>{dev(z)}, "relu_forward");
+}
+template <class T>
+void CudaBackend::relu_backward(std::type_identity_t<ConstMatrixView<T>> z, MatrixView<T> dz) {
+  each(z.rows, z.cols, cuda::detail::ReluBackOp<T>{dev(z), dev(dz)}, "relu_backward");
+}
+template <class T>
+void CudaBackend::tanh_forward(std::type_identity_t<ConstMatrixView<T>> x, MatrixView<T> y) {
+  each(x.rows, x.cols, cuda::detail::TanhOp<T>{dev(x), dev(y)}, "tanh_forward");
+}
+template <class T>
+void CudaBackend::tanh_backward(std::type_identity_t<ConstMatrixView<T>> y, MatrixView<T> dy) {
+  each(y.rows, y.cols, cuda::detail::TanhBackOp<T>{dev(y), dev(dy)}, "tanh_backward");
+}
+template <class T>
+void CudaBackend::lstm_cell(MatrixView<T> gates, std::type_identity_t<ConstMatrixView<T>> rec, std::type_identity_t<ConstMatrixView<T>> cprev,
+                            MatrixView<T> c, MatrixView<T> tc, MatrixView<T> h) {
+  if (gates.rows != 1 || gates.cols != 4 * c.cols) throw ShapeError("CudaBackend::lstm_cell: gates must be [1, 4h]");
+  each(1, c.cols, cuda::detail::LstmCellOp<T>{dev(gates), dev(rec), dev(cprev), dev(c), dev(tc), dev(h), c.cols}, "lstm_cell");
+}
+template <class T>
+void CudaBackend::lstm_cell_backward(std::type_identity_t<ConstMatrixView<T>> gates, std::type_identity_t<ConstMatrixView<T>> tc,
+                                     std::type_identity_t<ConstMatrixView<T>> cprev, std::type_identity_t<ConstMatrixView<T>> dy,
+                                     std::type_identity_t<ConstMatrixView<T>> dh, MatrixView<T> dcn, MatrixView<T> dg) {
+  if (dg.rows != 1 || dg.cols != 4 * tc.cols) throw ShapeError("CudaBackend::lstm_cell_backward: dg must be [1, 4h]");
+  each(1, tc.cols, cuda::detail::LstmCellBackOp<T>{dev(gates), dev(tc), dev(cprev), dev(dy), dev(dh), dev(dcn), dev(dg), tc.cols},
+       "lstm_cell_backward");
+}
+template <class T>
 void CudaBackend::gather_rows(std::type_identity_t<ConstMatrixView<T>> table, const std::int64_t* ids, std::type_identity_t<T> alpha,
                               std::type_identity_t<T> beta, MatrixView<T> out) {
   each(out.rows, out.cols, cuda::detail::GatherRowsOp<T>{dev(table), ids, alpha, beta, dev(out)}, "gather_rows");
@@ -617,7 +746,7 @@ void CudaBackend::add_scaled_rows(std::type_identity_t<ConstMatrixView<T>> x, co
 template <class T>
 void CudaBackend::sum_cols_mul(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b, T* out,
                                std::type_identity_t<T> alpha, std::type_identity_t<T> beta) {
-  cuda::detail::row_reduce<T>(a.rows, a.cols, cuda::detail::LoadMul<T>{dev(a), dev(b)}, cuda::detail::StoreAxpby<T>{out, alpha, beta},
+  cuda::detail::row_reduce<cuda::detail::acc_t<T>>(a.rows, a.cols, cuda::detail::LoadMul<T>{dev(a), dev(b)}, cuda::detail::StoreAxpby<T>{out, alpha, beta},
                               "sum_cols_mul");
 }
 template <class T>
@@ -657,6 +786,13 @@ void CudaBackend::rescale_rows(MatrixView<T> q, MatrixView<T> y, const std::type
   template void CudaBackend::random_uniform<T>(Generator&, MatrixView<T>, double, double);                                          \
   template void CudaBackend::random_normal<T>(Generator&, MatrixView<T>, double, double);                                           \
   template bool CudaBackend::all_finite<T>(ConstMatrixView<T>);                                                                    \
+  template void CudaBackend::relu_forward<T>(MatrixView<T>);                                                                         \
+  template void CudaBackend::relu_backward<T>(ConstMatrixView<T>, MatrixView<T>);                                                    \
+  template void CudaBackend::tanh_forward<T>(ConstMatrixView<T>, MatrixView<T>);                                                     \
+  template void CudaBackend::tanh_backward<T>(ConstMatrixView<T>, MatrixView<T>);                                                    \
+  template void CudaBackend::lstm_cell<T>(MatrixView<T>, ConstMatrixView<T>, ConstMatrixView<T>, MatrixView<T>, MatrixView<T>, MatrixView<T>); \
+  template void CudaBackend::lstm_cell_backward<T>(ConstMatrixView<T>, ConstMatrixView<T>, ConstMatrixView<T>, ConstMatrixView<T>,   \
+                                                   ConstMatrixView<T>, MatrixView<T>, MatrixView<T>);                                \
   template void CudaBackend::kron<T>(T, ConstMatrixView<T>, ConstMatrixView<T>, T, MatrixView<T>, bool);                            \
   template void CudaBackend::kron_grad_a<T>(ConstMatrixView<T>, ConstMatrixView<T>, T, MatrixView<T>);                               \
   template void CudaBackend::kron_grad_b<T>(ConstMatrixView<T>, ConstMatrixView<T>, T, MatrixView<T>);                               \
@@ -673,5 +809,7 @@ void CudaBackend::rescale_rows(MatrixView<T> q, MatrixView<T> y, const std::type
 
 PEFT_CUDA_INSTANTIATE(float)
 PEFT_CUDA_INSTANTIATE(double)
+PEFT_CUDA_INSTANTIATE(bf16)
+PEFT_CUDA_INSTANTIATE(half)
 
 }  // namespace peft

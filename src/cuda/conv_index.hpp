@@ -28,13 +28,14 @@ PEFT_HOST_DEVICE inline T im2col_at(const ConvShape& s, const T* x, Index r, Ind
   const Index kj = r % s.kw, ki = (r / s.kw) % s.kh, c = r / (s.kw * s.kh);
   const Index oh = p / s.Wo, ow = p % s.Wo;
   const Index ih = oh * s.sh - s.ph + ki * s.dh, iw = ow * s.sw - s.pw + kj * s.dw;
-  return (ih >= 0 && ih < s.H && iw >= 0 && iw < s.W) ? x[(c * s.H + ih) * s.W + iw] : T(0);
+  return (ih >= 0 && ih < s.H && iw >= 0 && iw < s.W) ? x[(c * s.H + ih) * s.W + iw] : T{};  // T{}: zero bits, also for bf16/half
 }
 
 /// acc + the patch gradients that read input element (c, ih, iw), from dcols [C·kh·kw, Ho·Wo] (row stride ld),
-/// added in the order of ki, then kj: the order in which EigenCpu::col2im adds them to that element.
-template <class T>
-PEFT_HOST_DEVICE inline T col2im_at(const ConvShape& s, const T* dcols, Index ld, Index c, Index ih, Index iw, T acc) {
+/// added in the order of ki, then kj: the order in which EigenCpu::col2im adds them to that element. `load`
+/// turns a stored element into the accumulator's type (float for 16-bit storage).
+template <class T, class A, class Load>
+PEFT_HOST_DEVICE inline A col2im_at(const ConvShape& s, const T* dcols, Index ld, Index c, Index ih, Index iw, A acc, Load load) {
   for (Index ki = 0; ki < s.kh; ++ki) {
     const Index th = ih + s.ph - ki * s.dh;  // = oh · sh for the output row that reads (ih) through ki
     if (th < 0 || th % s.sh != 0 || th / s.sh >= s.Ho) continue;
@@ -42,10 +43,14 @@ PEFT_HOST_DEVICE inline T col2im_at(const ConvShape& s, const T* dcols, Index ld
     for (Index kj = 0; kj < s.kw; ++kj) {
       const Index tw = iw + s.pw - kj * s.dw;
       if (tw < 0 || tw % s.sw != 0 || tw / s.sw >= s.Wo) continue;
-      acc += dcols[((c * s.kh + ki) * s.kw + kj) * ld + oh * s.Wo + tw / s.sw];
+      acc += load(dcols[((c * s.kh + ki) * s.kw + kj) * ld + oh * s.Wo + tw / s.sw]);
     }
   }
   return acc;
+}
+template <class T>
+PEFT_HOST_DEVICE inline T col2im_at(const ConvShape& s, const T* dcols, Index ld, Index c, Index ih, Index iw, T acc) {
+  return col2im_at(s, dcols, ld, c, ih, iw, acc, [](T v) { return v; });
 }
 
 }  // namespace peft::cuda::detail

@@ -1,6 +1,6 @@
-// Every weight adapter on Linear, Conv2d and Embedding on the CUDA backend against the CPU backend, and the
-// backend operations those layers add (token-id gather/scatter, im2col/col2im, Kronecker products, per-channel
-// row steps) against EigenCpu.
+// Every weight adapter on Linear, Conv2d and Embedding and every prompt-learning module on the CUDA backend
+// against the CPU backend, and the backend operations those layers add (token-id gather/scatter, im2col/col2im,
+// Kronecker products, per-channel row steps) against EigenCpu.
 //
 // The layer cases are tests/support/backend_parity.hpp's (the same list the OffHost test runs bit for bit on
 // the CPU): seeded initial parameters, two train steps (forward, backward: dx and every gradient, overwrite
@@ -157,6 +157,34 @@ TEST_CASE("cuda: Kronecker products and per-channel row steps match EigenCpu", "
   CHECK(y.err() < kOpTol);
 }
 
+TEST_CASE("cuda: activations and the LSTM cell match EigenCpu", "[cuda]") {
+  PEFT_REQUIRE_GPU();
+  const Index h = 37;
+  Twin z(random_mat<double>(9, 50, 1)), dz(random_mat<double>(9, 50, 2)), t(random_mat<double>(9, 50, 3));
+  EigenCpu::relu_forward<double>(z.hv());
+  Gpu::relu_forward<double>(z.dv());
+  CHECK(z.err() < kOpTol);
+  EigenCpu::relu_backward<double>(z.hv(), dz.hv());
+  Gpu::relu_backward<double>(z.dv(), dz.dv());
+  CHECK(dz.err() < kOpTol);
+  EigenCpu::tanh_forward<double>(dz.hv(), t.hv());
+  Gpu::tanh_forward<double>(dz.dv(), t.dv());
+  CHECK(t.err() < kOpTol);
+  EigenCpu::tanh_backward<double>(t.hv(), z.hv());
+  Gpu::tanh_backward<double>(t.dv(), z.dv());
+  CHECK(z.err() < kOpTol);
+  Twin gates(random_mat<double>(1, 4 * h, 4)), rec(random_mat<double>(1, 4 * h, 5)), cprev(random_mat<double>(1, h, 6));
+  Twin c(random_mat<double>(1, h, 7)), tc(random_mat<double>(1, h, 8)), hh(random_mat<double>(1, h, 9));
+  EigenCpu::lstm_cell<double>(gates.hv(), rec.hv(), cprev.hv(), c.hv(), tc.hv(), hh.hv());
+  Gpu::lstm_cell<double>(gates.dv(), rec.dv(), cprev.dv(), c.dv(), tc.dv(), hh.dv());
+  for (auto* x : {&gates, &c, &tc, &hh}) CHECK(x->err() < kOpTol);
+  Twin dy(random_mat<double>(1, h, 10)), dh(random_mat<double>(1, h, 11)), dcn(random_mat<double>(1, h, 12)), dg(random_mat<double>(1, 4 * h, 13));
+  EigenCpu::lstm_cell_backward<double>(gates.hv(), tc.hv(), cprev.hv(), dy.hv(), dh.hv(), dcn.hv(), dg.hv());
+  Gpu::lstm_cell_backward<double>(gates.dv(), tc.dv(), cprev.dv(), dy.dv(), dh.dv(), dcn.dv(), dg.dv());
+  CHECK(dcn.err() < kOpTol);
+  CHECK(dg.err() < kOpTol);
+}
+
 TEST_CASE("cuda: Linear adapters, CPU double vs GPU double and float", "[cuda]") {
   PEFT_REQUIRE_GPU();
   test::parity::linear_cases<Gpu, double>(1e-11);
@@ -173,6 +201,31 @@ TEST_CASE("cuda: Embedding adapters, CPU double vs GPU double and float", "[cuda
   PEFT_REQUIRE_GPU();
   test::parity::embedding_cases<Gpu, double>(1e-11);
   test::parity::embedding_cases<Gpu, float>(5e-5);
+}
+
+TEST_CASE("cuda: prompt-learning modules, CPU double vs GPU double and float", "[cuda]") {
+  PEFT_REQUIRE_GPU();
+  test::parity::prompt_cases<Gpu, double>(1e-11);
+  test::parity::prompt_cases<Gpu, float>(5e-5);
+}
+
+// 16-bit storage with fp32 accumulation: the same cases in bf16 and half against CPU double. Tolerances (first
+// estimates, to be confirmed on a GPU): a few unit roundoffs of the storage type per stored intermediate —
+// bf16 (u = 2^-9) 3e-2, half (u = 2^-11) 8e-3.
+TEST_CASE("cuda: bf16 and half storage, every layer case and prompt module vs CPU double", "[cuda][half]") {
+  PEFT_REQUIRE_GPU();
+  SECTION("bf16") {
+    test::parity::linear_cases<Gpu, bf16>(3e-2);
+    test::parity::conv_cases<Gpu, bf16>(3e-2);
+    test::parity::embedding_cases<Gpu, bf16>(3e-2);
+    test::parity::prompt_cases<Gpu, bf16>(3e-2);
+  }
+  SECTION("half") {
+    test::parity::linear_cases<Gpu, half>(8e-3);
+    test::parity::conv_cases<Gpu, half>(8e-3);
+    test::parity::embedding_cases<Gpu, half>(8e-3);
+    test::parity::prompt_cases<Gpu, half>(8e-3);
+  }
 }
 
 TEST_CASE("cuda: Conv2d and Embedding forward and backward make no device allocation", "[cuda][alloc]") {

@@ -14,6 +14,10 @@
 
 #include <catch2/catch.hpp>
 #include <cstdint>
+#include <peft/prompt/multitask_prompt_tuning.hpp>
+#include <peft/prompt/p_tuning.hpp>
+#include <peft/prompt/prefix_tuning.hpp>
+#include <peft/prompt/prompt_tuning.hpp>
 #include <string>
 #include <vector>
 
@@ -27,17 +31,27 @@ struct Tag {
   using backend = B;
 };
 
-/// The [rows, cols] block at p (Dev memory) as a host double matrix.
+/// The [rows, cols] block at p (Dev memory) as a host double matrix (T: float, double, bf16 or half; element by
+/// element, so that Eigen never sees the 16-bit storage types).
 template <class Dev, class T>
 Mat<double> fetch(const T* p, Index rows, Index cols) {
-  Mat<T> m(rows, cols);
-  Dev::template download<T>(ConstMatrixView<T>(p, rows, cols), m);
-  return m.template cast<double>();
+  std::vector<T> h(std::size_t(rows * cols));
+  Dev::template download<T>(ConstMatrixView<T>(p, rows, cols), MatrixView<T>(h.data(), rows, cols));
+  Mat<double> m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = double(h[std::size_t(i)]);
+  return m;
 }
 template <class Dev, class T>
-void put(const Mat<double>& h, T* p) {
-  const Mat<T> c = h.template cast<T>();
-  Dev::template upload<T>(c, MatrixView<T>(p, h.rows(), h.cols()));
+void put(const Mat<double>& m, T* p) {
+  std::vector<T> h(std::size_t(m.size()));
+  for (Index i = 0; i < m.size(); ++i) h[std::size_t(i)] = T(m.data()[i]);
+  Dev::template upload<T>(ConstMatrixView<T>(h.data(), Index(m.rows()), Index(m.cols())), MatrixView<T>(p, Index(m.rows()), Index(m.cols())));
+}
+/// m rounded to T and back (the values both sides start from).
+template <class T>
+Mat<double> rounded(Mat<double> m) {
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = double(T(m.data()[i]));
+  return m;
 }
 inline double rel(const Mat<double>& dev, const Mat<double>& cpu) {
   if (cpu.size() == 0) return 0.0;
@@ -57,27 +71,40 @@ struct Input {
   Index rows() const { return ids.empty() ? Index(x.rows()) : Index(ids.size()); }
 };
 
+/// Compares every parameter's values (and, with `grads`, its gradient) of the two sides.
+template <class Dev, class G>
+void compare_params(const std::vector<ParamRef<double>>& pc, const std::vector<ParamRef<G>>& pd, double tol, const char* when, bool grads) {
+  REQUIRE(pc.size() == pd.size());
+  for (std::size_t i = 0; i < pc.size(); ++i) {
+    INFO(when << ": " << pc[i].name);
+    REQUIRE(pc[i].name == pd[i].name);
+    REQUIRE(pc[i].size == pd[i].size);
+    const Index n = Index(pc[i].size);
+    CHECK(rel(fetch<Dev>(pd[i].value, 1, n), Mat<double>(Eigen::Map<const Mat<double>>(pc[i].value, 1, n))) <= tol);
+    if (!grads || !pc[i].grad) continue;
+    INFO("gradient");
+    REQUIRE(pd[i].grad != nullptr);
+    CHECK(rel(fetch<Dev>(pd[i].grad, 1, n), Mat<double>(Eigen::Map<const Mat<double>>(pc[i].grad, 1, n))) <= tol);
+  }
+}
+/// Sets every trainable tensor to the same random values on both sides (rounded to G).
+template <class Dev, class G>
+void randomize(const std::vector<ParamRef<double>>& pc, const std::vector<ParamRef<G>>& pd) {
+  for (std::size_t i = 0; i < pc.size(); ++i) {
+    if (!pc[i].trainable) continue;
+    const Mat<double> r = rounded<G>(random_mat<double>(1, Index(pc[i].size), 100 + i));
+    Eigen::Map<Mat<double>>(pc[i].value, 1, Index(pc[i].size)) = r;
+    put<Dev>(r, pd[i].value);
+  }
+}
+
 template <class Dev, class CpuL, class DevL>
 void check(CpuL& cpu, DevL& dev, const Input& in, Index out_cols, double tol) {
   using G = typename DevL::scalar;
   auto pc = params(cpu), pd = params(dev);
-  REQUIRE(pc.size() == pd.size());
-  const auto host = [](const auto& p) { return Mat<double>(Eigen::Map<const Mat<double>>(p.value, 1, Index(p.size))); };
-  const auto check_params = [&](const char* when) {
-    for (std::size_t i = 0; i < pc.size(); ++i) {
-      INFO(when << ": " << pc[i].name);
-      REQUIRE(pc[i].name == pd[i].name);
-      REQUIRE(pc[i].size == pd[i].size);
-      CHECK(rel(fetch<Dev>(pd[i].value, 1, Index(pd[i].size)), host(pc[i])) <= tol);
-    }
-  };
+  const auto check_params = [&](const char* when) { compare_params<Dev>(pc, pd, tol, when, false); };
   check_params("initial");
-  for (std::size_t i = 0; i < pc.size(); ++i) {  // every trainable tensor the same random values on both
-    if (!pc[i].trainable) continue;
-    const Mat<double> r = random_mat<double>(1, Index(pc[i].size), 100 + i).template cast<G>().template cast<double>();
-    Eigen::Map<Mat<double>>(pc[i].value, 1, Index(pc[i].size)) = r;
-    put<Dev>(r, pd[i].value);
-  }
+  randomize<Dev>(pc, pd);
 
   const Index n = in.rows(), in_cols = in.ids.empty() ? Index(in.x.cols()) : 0;
   typename Dev::template buffer<G> xd(std::size_t(std::max<Index>(1, n * in_cols))), yd(std::size_t(n * out_cols)),
@@ -103,7 +130,7 @@ void check(CpuL& cpu, DevL& dev, const Input& in, Index out_cols, double tol) {
   for (auto mode : {GradMode::overwrite, GradMode::accumulate}) {
     INFO("train step, " << (mode == GradMode::overwrite ? "overwrite" : "accumulate"));
     forward();
-    const Mat<double> dy = random_mat<double>(n, out_cols, mode == GradMode::overwrite ? 5 : 6).template cast<G>().template cast<double>();
+    const Mat<double> dy = rounded<G>(random_mat<double>(n, out_cols, mode == GradMode::overwrite ? 5 : 6));
     put<Dev>(dy, dyd.data());
     if (in_cols) {
       cpu.backward(cc, dy, dx, mode, mode);
@@ -113,13 +140,7 @@ void check(CpuL& cpu, DevL& dev, const Input& in, Index out_cols, double tol) {
       cpu.backward(cc, dy, {}, mode, mode);
       dev.backward(dc, ConstMatrixView<G>(dyd.view(n, out_cols)), {}, mode, mode);
     }
-    for (std::size_t i = 0; i < pc.size(); ++i) {
-      if (!pc[i].grad) continue;
-      INFO("gradient of " << pc[i].name);
-      REQUIRE(pd[i].grad != nullptr);
-      CHECK(rel(fetch<Dev>(pd[i].grad, 1, Index(pd[i].size)), Mat<double>(Eigen::Map<const Mat<double>>(pc[i].grad, 1, Index(pc[i].size)))) <=
-            tol);
-    }
+    compare_params<Dev>(pc, pd, tol, "after backward", true);
   }
   cpu.eval();
   dev.eval();
@@ -186,7 +207,7 @@ auto adds(Cfg cfg, std::optional<Cfg2> second = std::nullopt) {
 template <class Dev, class G>
 void linear_cases(double tol) {
   const Index in = 24, out = 20;
-  const Input x{random_mat<double>(9, in, 1).template cast<G>().template cast<double>(), {}};
+  const Input x{rounded<G>(random_mat<double>(9, in, 1)), {}};
   const auto base = [&](auto tag, Generator& g) {
     using Tg = decltype(tag);
     return Linear<typename Tg::scalar, typename Tg::backend>(in, out, true, g);
@@ -276,7 +297,7 @@ void conv_cases(double tol) {
   geo.dilation_w = 2;
   geo.in_h = 7;
   geo.in_w = 6;
-  const Input x{random_mat<double>(3, geo.in_size(), 2).template cast<G>().template cast<double>(), {}};
+  const Input x{rounded<G>(random_mat<double>(3, geo.in_size(), 2)), {}};
   const Index out = geo.out_size();
   const auto base = [&](auto tag, Generator& g) {
     using Tg = decltype(tag);
@@ -341,6 +362,167 @@ void embedding_cases(double tol) {
   run<Dev, G, EmbLora>("dora + lora", base, adds(dora, std::optional<LoraConfig>(lora)), ids, dim, tol);
   Ia3Config ia3;
   run<Dev, G, EmbIa3>("ia3 (output)", base, adds(ia3), ids, dim, tol);
+}
+
+// ---- prompt-learning modules -------------------------------------------------------------------------------
+
+/// One module on both backends: make(Tag<T, B>, gen) builds it; step(module, Tag<T, B>, mode) runs a forward and
+/// a backward (upstream gradients from fixed seeds) and returns the forward output as a host matrix. Compares
+/// the seeded parameters, then (after randomize) two steps' outputs and gradients (overwrite, accumulate).
+template <class Dev, class G, class Make, class Step>
+void prompt_run(const char* name, Make make, Step step, double tol) {
+  INFO("case: " << name << " (" << Dev::name << ")");
+  Generator gc(21), gd(21);
+  auto cpu = make(Tag<double, EigenCpu>{}, gc);
+  auto dev = make(Tag<G, Dev>{}, gd);
+  auto pc = params(cpu);
+  auto pd = params(dev);
+  compare_params<Dev>(pc, pd, tol, "initial", false);
+  randomize<Dev>(pc, pd);
+  for (auto mode : {GradMode::overwrite, GradMode::accumulate}) {
+    INFO((mode == GradMode::overwrite ? "overwrite" : "accumulate"));
+    const Mat<double> yc = step(cpu, Tag<double, EigenCpu>{}, mode), yd = step(dev, Tag<G, Dev>{}, mode);
+    CHECK(rel(yd, yc) <= tol);
+    compare_params<Dev>(pc, pd, tol, "after backward", true);
+  }
+}
+
+/// A host matrix on backend B (scalar T): its buffer.
+template <class T, class B>
+typename B::template buffer<T> on(const Mat<double>& h) {
+  typename B::template buffer<T> b(std::size_t(h.size()));
+  put<B>(h, b.data());
+  return b;
+}
+template <class T, class B>
+Mat<double> back(ConstMatrixView<T> v) {
+  return fetch<B>(v.data, v.rows, v.cols);
+}
+
+template <class Dev, class G>
+void prompt_cases(double tol) {
+  const Index nv = 4, d = 6, batch = 3, seq = 2, vocab = 11;
+  const Mat<double> words = rounded<G>(random_mat<double>(vocab, d, 40));
+  const Mat<double> tokens = rounded<G>(random_mat<double>(batch * seq, d, 41));
+  const auto upstream = [](Index rows, Index cols, GradMode mode) {
+    return rounded<G>(random_mat<double>(rows, cols, mode == GradMode::overwrite ? 42 : 43));
+  };
+
+  // prompt tuning (TEXT init gathers rows of the word embeddings), through prepend and its backward
+  PromptTuningConfig pt;
+  pt.num_virtual_tokens = nv;
+  pt.prompt_tuning_init = PromptTuningInit::text;
+  pt.init_token_ids = {3, 7, 1};
+  const auto make_pt = [&](auto tag, Generator& g) {
+    using T = typename decltype(tag)::scalar;
+    using B = typename decltype(tag)::backend;
+    auto w = on<T, B>(words);
+    auto m = PromptEmbedding<T, B>(pt, ConstMatrixView<T>(w.data(), vocab, d), g);
+    return m;
+  };
+  prompt_run<Dev, G>("prompt tuning (text init), prepend", make_pt,
+                     [&](auto& m, auto tag, GradMode mode) {
+                       using T = typename decltype(tag)::scalar;
+                       using B = typename decltype(tag)::backend;
+                       auto ctx = m.make_context(batch);
+                       auto tok = on<T, B>(tokens);
+                       typename B::template buffer<T> in(std::size_t(batch * (nv + seq) * d));
+                       auto iv = in.view(batch * (nv + seq), d);
+                       m.prepend(ctx, ConstMatrixView<T>(tok.data(), batch * seq, d), batch, seq, iv);
+                       auto dg = on<T, B>(upstream(batch * (nv + seq), d, mode));
+                       m.backward_from_inputs_embeds(ctx, ConstMatrixView<T>(dg.data(), batch * (nv + seq), d), seq, mode);
+                       return back<T, B>(ConstMatrixView<T>(iv));
+                     },
+                     tol);
+
+  // P-tuning: the MLP encoder, and the two-layer bidirectional LSTM with dropout between its layers
+  for (auto type : {PromptEncoderReparameterizationType::mlp, PromptEncoderReparameterizationType::lstm}) {
+    PromptEncoderConfig pe;
+    pe.num_virtual_tokens = nv;
+    pe.token_dim = d;
+    pe.encoder_hidden_size = 5;
+    pe.encoder_reparameterization_type = type;
+    pe.encoder_dropout = 0.3;
+    prompt_run<Dev, G>(type == PromptEncoderReparameterizationType::mlp ? "p-tuning, MLP encoder" : "p-tuning, LSTM encoder (2 layers, dropout)",
+                       [&](auto tag, Generator& g) { return PromptEncoder<typename decltype(tag)::scalar, typename decltype(tag)::backend>(pe, g); },
+                       [&](auto& m, auto tag, GradMode mode) {
+                         using T = typename decltype(tag)::scalar;
+                         using B = typename decltype(tag)::backend;
+                         auto ctx = m.make_context(batch);
+                         ctx.dropout_seed = 9;
+                         typename B::template buffer<T> pr(std::size_t(batch * nv * d));
+                         auto pv = pr.view(batch * nv, d);
+                         m.forward(ctx, batch, pv);
+                         auto dg = on<T, B>(upstream(batch * nv, d, mode));
+                         m.backward(ctx, ConstMatrixView<T>(dg.data(), batch * nv, d), mode);
+                         Mat<double> out = back<T, B>(ConstMatrixView<T>(pv));
+                         const auto eval = m.prompt_embeddings();  // the eval-mode encoder output, on the host
+                         Mat<double> both(out.rows() + nv, d);
+                         both.topRows(out.rows()) = out;
+                         for (Index i = 0; i < nv * d; ++i) both.data()[out.size() + i] = double(eval[std::size_t(i)]);
+                         return both;
+                       },
+                       tol);
+  }
+
+  // prefix tuning with the projection: the past keys/values laid out per layer and head, and their backward
+  PrefixTuningConfig px;
+  px.num_virtual_tokens = nv;
+  px.token_dim = d;
+  px.num_layers = 2;
+  px.num_attention_heads = 3;
+  px.prefix_projection = true;
+  px.encoder_hidden_size = 5;
+  prompt_run<Dev, G>("prefix tuning with projection",
+                     [&](auto tag, Generator& g) { return PrefixEncoder<typename decltype(tag)::scalar, typename decltype(tag)::backend>(px, g); },
+                     [&](auto& m, auto tag, GradMode mode) {
+                       using T = typename decltype(tag)::scalar;
+                       using B = typename decltype(tag)::backend;
+                       auto ctx = m.make_context(batch);
+                       m.forward(ctx, batch);
+                       const auto past = m.past_key_value_grads(ctx);
+                       Mat<double> out(0, 2);
+                       std::uint64_t seed = mode == GradMode::overwrite ? 50 : 60;
+                       for (std::size_t l = 0; l < past.size(); ++l) {
+                         const auto kv = m.past_key_values(ctx)[l];
+                         for (auto [src, dst] : {std::pair{kv.key, past[l].key}, std::pair{kv.value, past[l].value}}) {
+                           const Mat<double> v = back<T, B>(src);
+                           Mat<double> grown(out.rows() + v.size(), 2);  // every layer's keys and values, flattened
+                           grown << out, Eigen::Map<const Eigen::VectorXd>(v.data(), v.size()), Eigen::VectorXd::Zero(v.size());
+                           out = grown;
+                           put<B>(rounded<T>(random_mat<double>(dst.rows, dst.cols, seed++)), dst.data);
+                         }
+                       }
+                       m.backward(ctx, mode);
+                       return out;
+                     },
+                     tol);
+
+  // multitask prompt tuning: per-row task prompts E ⊙ (C_k R_k)
+  MultitaskPromptTuningConfig mt;
+  mt.num_virtual_tokens = nv;
+  mt.num_tasks = 3;
+  mt.num_ranks = 2;
+  const std::vector<std::int64_t> tasks{2, 0, 2};
+  prompt_run<Dev, G>("multitask prompt tuning",
+                     [&](auto tag, Generator& g) {
+                       using T = typename decltype(tag)::scalar;
+                       using B = typename decltype(tag)::backend;
+                       auto w = on<T, B>(words);
+                       return MultitaskPromptEmbedding<T, B>(mt, ConstMatrixView<T>(w.data(), vocab, d), g);
+                     },
+                     [&](auto& m, auto tag, GradMode mode) {
+                       using T = typename decltype(tag)::scalar;
+                       using B = typename decltype(tag)::backend;
+                       auto ctx = m.make_context(batch);
+                       typename B::template buffer<T> pr(std::size_t(batch * nv * d));
+                       auto pv = pr.view(batch * nv, d);
+                       m.forward(ctx, tasks, pv);
+                       auto dg = on<T, B>(upstream(batch * nv, d, mode));
+                       m.backward(ctx, ConstMatrixView<T>(dg.data(), batch * nv, d), mode);
+                       return back<T, B>(ConstMatrixView<T>(pv));
+                     },
+                     tol);
 }
 
 }  // namespace peft::test::parity

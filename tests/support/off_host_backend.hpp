@@ -150,6 +150,18 @@ struct OffHost {
   template <class T> static void kron_grad_b(CV<T> g, CV<T> a, V<T> beta, MatrixView<T> db) {
     EigenCpu::kron_grad_b<T>(on_host(g), on_host(a), beta, on_host(db));
   }
+  template <class T> static void relu_forward(MatrixView<T> z) { EigenCpu::relu_forward<T>(on_host(z)); }
+  template <class T> static void relu_backward(CV<T> z, MatrixView<T> dz) { EigenCpu::relu_backward<T>(on_host(z), on_host(dz)); }
+  template <class T> static void tanh_forward(CV<T> x, MatrixView<T> y) { EigenCpu::tanh_forward<T>(on_host(x), on_host(y)); }
+  template <class T> static void tanh_backward(CV<T> y, MatrixView<T> dy) { EigenCpu::tanh_backward<T>(on_host(y), on_host(dy)); }
+  template <class T>
+  static void lstm_cell(MatrixView<T> gates, CV<T> rec, CV<T> cprev, MatrixView<T> c, MatrixView<T> tc, MatrixView<T> h) {
+    EigenCpu::lstm_cell<T>(on_host(gates), on_host(rec), on_host(cprev), on_host(c), on_host(tc), on_host(h));
+  }
+  template <class T>
+  static void lstm_cell_backward(CV<T> gates, CV<T> tc, CV<T> cprev, CV<T> dy, CV<T> dh, MatrixView<T> dcn, MatrixView<T> dg) {
+    EigenCpu::lstm_cell_backward<T>(on_host(gates), on_host(tc), on_host(cprev), on_host(dy), on_host(dh), on_host(dcn), on_host(dg));
+  }
   template <class T> static void random_uniform(Generator& gen, MatrixView<T> y, double lo, double hi) {
     EigenCpu::random_uniform<T>(gen, on_host(y), lo, hi);
   }

@@ -2,8 +2,14 @@
 // weight adapter on Linear, Conv2d and Embedding, forward, backward, merge and unmerge, against the CPU
 // backend bit for bit. A host access to a parameter or context buffer — the mistake that would break the
 // CUDA backend at run time — faults here on any machine. The CUDA kernels' own index arithmetic is checked
-// in test_conv2d (im2col/col2im); the kernels themselves need a GPU (tests/cuda).
+// in test_conv2d (im2col/col2im); the kernels themselves need a GPU (tests/cuda). Also here: the 16-bit storage
+// types' conversions (peft/half.hpp) against a brute-force nearest-value reference.
+#include <algorithm>
+#include <bit>
 #include <catch2/catch.hpp>
+#include <cmath>
+#include <limits>
+#include <peft/half.hpp>
 
 #include "backend_parity.hpp"
 #include "off_host_backend.hpp"
@@ -36,4 +42,92 @@ TEST_CASE("off-host backend: Conv2d adapters equal the CPU backend's bit for bit
 
 TEST_CASE("off-host backend: Embedding adapters equal the CPU backend's bit for bit", "[device]") {
   test::parity::embedding_cases<OffHost, double>(0.0);
+}
+
+TEST_CASE("off-host backend: prompt-learning modules equal the CPU backend's bit for bit", "[device][prompt]") {
+  test::parity::prompt_cases<OffHost, double>(0.0);
+}
+
+// ---- the 16-bit storage types (peft/half.hpp) -----------------------------------------------------------------
+
+namespace {
+/// The reference rounding: the nearest of all finite values of the type (found by bisection over the sorted
+/// table), ties to the even bit pattern; past the largest finite value, infinity counts as the next value
+/// (2^128 for bf16, 2^16 for half), as IEEE round-to-nearest does.
+template <class H>
+std::uint16_t nearest_bits(float f) {
+  static const std::vector<std::pair<double, std::uint16_t>> table = [] {
+    std::vector<std::pair<double, std::uint16_t>> t;
+    const std::uint16_t inf = std::is_same_v<H, bf16> ? 0x7f80 : 0x7c00;
+    for (std::uint32_t b = 0; b < inf; ++b) t.emplace_back(double(float(H::from_bits(std::uint16_t(b)))), std::uint16_t(b));
+    t.emplace_back(std::is_same_v<H, bf16> ? std::ldexp(1.0, 128) : 65536.0, inf);
+    return t;  // positive values, increasing with the bits
+  }();
+  const double a = std::abs(double(f));
+  const std::uint16_t sign = std::signbit(f) ? 0x8000 : 0;
+  if (a >= table.back().first) return sign | table.back().second;
+  const auto hi = std::lower_bound(table.begin(), table.end(), std::make_pair(a, std::uint16_t(0)));
+  if (hi->first == a) return sign | hi->second;
+  const auto lo = hi - 1;
+  const double dl = a - lo->first, dh = hi->first - a;
+  if (dl < dh) return sign | lo->second;
+  if (dh < dl) return sign | hi->second;
+  return sign | ((lo->second & 1) ? hi->second : lo->second);  // a tie: the even pattern
+}
+
+template <class H>
+void check_rounding() {
+  const std::uint16_t inf = std::is_same_v<H, bf16> ? 0x7f80 : 0x7c00;
+  std::size_t mismatches = 0;
+  // every finite pattern survives a round trip; every midpoint between neighbours rounds to the even one
+  for (std::uint32_t b = 0; b < inf; ++b) {
+    const float v = float(H::from_bits(std::uint16_t(b)));
+    mismatches += H(v).bits != b;
+    mismatches += H(-v).bits != (b | 0x8000u);
+    if (b + 1 < inf) {
+      const float mid = float((double(v) + double(float(H::from_bits(std::uint16_t(b + 1))))) / 2);
+      mismatches += H(mid).bits != ((b & 1) ? b + 1 : b);
+    }
+  }
+  CHECK(mismatches == 0);
+  // random float bit patterns (every exponent, subnormals included) against the reference
+  Generator g(5);
+  std::vector<double> u(200000);
+  g.uniform(u.data(), u.size(), 0.0, 4294967296.0);
+  mismatches = 0;
+  std::size_t nan_in = 0, nan_out = 0;
+  for (double x : u) {
+    const float f = std::bit_cast<float>(std::uint32_t(x));
+    if (std::isnan(f)) {  // a NaN stays a NaN
+      ++nan_in;
+      nan_out += std::isnan(float(H(f)));
+      continue;
+    }
+    mismatches += H(f).bits != nearest_bits<H>(f);
+  }
+  CHECK(mismatches == 0);
+  CHECK(nan_in > 0);
+  CHECK(nan_out == nan_in);
+  CHECK(std::isinf(float(H::from_bits(inf))));
+  CHECK(std::isnan(float(H(std::numeric_limits<float>::quiet_NaN()))));
+}
+}  // namespace
+
+TEST_CASE("16-bit storage types: conversions from float round to nearest even", "[device][half]") {
+  SECTION("bf16") { check_rounding<bf16>(); }
+  SECTION("half") { check_rounding<half>(); }
+  CHECK(bf16(1.0f).bits == 0x3f80);
+  CHECK(half(1.0f).bits == 0x3c00);
+  CHECK(half(65504.0f).bits == 0x7bff);
+  CHECK(half(65519.0f).bits == 0x7bff);
+  CHECK(half(65520.0f).bits == 0x7c00);                // halfway to 2^16: ties to even, infinity
+  CHECK(half(std::ldexp(1.0f, -24)).bits == 0x0001);   // the smallest subnormal
+  CHECK(half(std::ldexp(1.0f, -25)).bits == 0x0000);   // half of it: ties to even, zero
+  CHECK(half(std::ldexp(3.0f, -26)).bits == 0x0001);   // three quarters of it
+  CHECK(float(half::from_bits(0x0001)) == std::ldexp(1.0f, -24));
+  CHECK(float(bf16(3.0)) == 3.0f);
+  bf16 x = 1.5f;
+  x *= 2.0f;
+  x += 1.0f;
+  CHECK(float(x) == 4.0f);
 }

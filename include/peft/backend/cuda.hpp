@@ -12,8 +12,10 @@
 // the legacy default stream). cuBLAS handles are per (thread, device), made at context creation
 // (`GemmScratch::reserve_gemm`) with a fixed workspace, so forward and backward make no device allocation.
 //
-// Scalar types: float and double are compiled in the library (double serves the exact comparisons with the
-// CPU backend in the tests). bf16/half storage is not done yet.
+// Scalar types: float, double, and the 16-bit storage types peft::bf16 and peft::half (peft/half.hpp) are
+// compiled in the library. With 16-bit storage every kernel computes in float and GEMMs run through
+// cublasGemmEx with CUBLAS_COMPUTE_32F (fp32 accumulation). double serves the tight comparisons with the CPU
+// backend in the tests.
 #pragma once
 
 #include <cstddef>
@@ -27,6 +29,7 @@
 #include "peft/backend/trans.hpp"
 #include "peft/conv_geometry.hpp"
 #include "peft/errors.hpp"
+#include "peft/half.hpp"
 #include "peft/rng.hpp"
 #include "peft/view.hpp"
 
@@ -262,6 +265,24 @@ struct CudaBackend {
   template <class T>
   static void kron_grad_b(std::type_identity_t<ConstMatrixView<T>> g, std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<T> beta,
                           MatrixView<T> db);
+
+  // ---- activations and the LSTM cell (prompt encoders; see EigenCpu for the contracts) --------------------
+  template <class T>
+  static void relu_forward(MatrixView<T> z);
+  template <class T>
+  static void relu_backward(std::type_identity_t<ConstMatrixView<T>> z, MatrixView<T> dz);
+  template <class T>
+  static void tanh_forward(std::type_identity_t<ConstMatrixView<T>> x, MatrixView<T> y);
+  template <class T>
+  static void tanh_backward(std::type_identity_t<ConstMatrixView<T>> y, MatrixView<T> dy);
+  /// One time step of one row, one thread per hidden unit.
+  template <class T>
+  static void lstm_cell(MatrixView<T> gates, std::type_identity_t<ConstMatrixView<T>> rec, std::type_identity_t<ConstMatrixView<T>> cprev,
+                        MatrixView<T> c, MatrixView<T> tc, MatrixView<T> h);
+  template <class T>
+  static void lstm_cell_backward(std::type_identity_t<ConstMatrixView<T>> gates, std::type_identity_t<ConstMatrixView<T>> tc,
+                                 std::type_identity_t<ConstMatrixView<T>> cprev, std::type_identity_t<ConstMatrixView<T>> dy,
+                                 std::type_identity_t<ConstMatrixView<T>> dh, MatrixView<T> dcn, MatrixView<T> dg);
 
   // ---- token ids (Embedding, LoRA on embeddings) -------------------------------------------------------
 

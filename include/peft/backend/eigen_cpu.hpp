@@ -496,6 +496,72 @@ struct EigenCpu {
       }
   }
 
+  // ---- activations and the LSTM cell (the prompt encoders) ---------------------------------------------
+  /// z = max(z, 0) in place.
+  template <class T>
+  static void relu_forward(MatrixView<T> z) {
+    for (Index i = 0; i < z.rows; ++i)
+      for (Index j = 0; j < z.cols; ++j) z(i, j) = std::max(z(i, j), T(0));
+  }
+  /// dz = 0 where the ReLU output z is not positive.
+  template <class T>
+  static void relu_backward(std::type_identity_t<ConstMatrixView<T>> z, MatrixView<T> dz) {
+    for (Index i = 0; i < z.rows; ++i)
+      for (Index j = 0; j < z.cols; ++j)
+        if (!(z(i, j) > T(0))) dz(i, j) = T(0);
+  }
+  /// y = tanh(x).
+  template <class T>
+  static void tanh_forward(std::type_identity_t<ConstMatrixView<T>> x, MatrixView<T> y) {
+    for (Index i = 0; i < x.rows; ++i)
+      for (Index j = 0; j < x.cols; ++j) y(i, j) = std::tanh(x(i, j));
+  }
+  /// dy ⊙= 1 − y² (y: the tanh output).
+  template <class T>
+  static void tanh_backward(std::type_identity_t<ConstMatrixView<T>> y, MatrixView<T> dy) {
+    for (Index i = 0; i < y.rows; ++i)
+      for (Index j = 0; j < y.cols; ++j) dy(i, j) *= T(1) - y(i, j) * y(i, j);
+  }
+  /// One LSTM time step (torch.nn.LSTM's gate order i, f, g, o), rows [1, ·]: gates [1, 4h] holds x W_ihᵀ + b_ih
+  /// and leaves as the activated gates; rec [1, 4h] = h_prev W_hhᵀ + b_hh; c = f ⊙ c_prev + i ⊙ g, tc = tanh(c),
+  /// h = o ⊙ tc.
+  template <class T>
+  static void lstm_cell(MatrixView<T> gates, std::type_identity_t<ConstMatrixView<T>> rec, std::type_identity_t<ConstMatrixView<T>> cprev,
+                        MatrixView<T> c, MatrixView<T> tc, MatrixView<T> h) {
+    const auto sigmoid = [](T x) { return T(1) / (T(1) + std::exp(-x)); };
+    const Index n = c.cols;
+    for (Index j = 0; j < n; ++j) {
+      const T ig = sigmoid(gates(0, j) + rec(0, j)), fg = sigmoid(gates(0, n + j) + rec(0, n + j));
+      const T gg = std::tanh(gates(0, 2 * n + j) + rec(0, 2 * n + j)), og = sigmoid(gates(0, 3 * n + j) + rec(0, 3 * n + j));
+      gates(0, j) = ig;
+      gates(0, n + j) = fg;
+      gates(0, 2 * n + j) = gg;
+      gates(0, 3 * n + j) = og;
+      c(0, j) = fg * cprev(0, j) + ig * gg;
+      tc(0, j) = std::tanh(c(0, j));
+      h(0, j) = og * tc(0, j);
+    }
+  }
+  /// Its backward at one step: dy [1, h] the output gradient from above, dh [1, h] the one from the next step
+  /// (through W_hh), dcn [1, h] carries dc_{t+1} ⊙ f_{t+1} in and dc_t ⊙ f_t out; dg [1, 4h] = the gradient of the
+  /// pre-activation gates.
+  template <class T>
+  static void lstm_cell_backward(std::type_identity_t<ConstMatrixView<T>> gates, std::type_identity_t<ConstMatrixView<T>> tc,
+                                 std::type_identity_t<ConstMatrixView<T>> cprev, std::type_identity_t<ConstMatrixView<T>> dy,
+                                 std::type_identity_t<ConstMatrixView<T>> dh, MatrixView<T> dcn, MatrixView<T> dg) {
+    const Index n = tc.cols;
+    for (Index j = 0; j < n; ++j) {
+      const T ig = gates(0, j), fg = gates(0, n + j), gg = gates(0, 2 * n + j), og = gates(0, 3 * n + j);
+      const T dht = dy(0, j) + dh(0, j);
+      const T dc = dcn(0, j) + dht * og * (T(1) - tc(0, j) * tc(0, j));
+      dg(0, j) = dc * gg * ig * (T(1) - ig);
+      dg(0, n + j) = dc * cprev(0, j) * fg * (T(1) - fg);
+      dg(0, 2 * n + j) = dc * ig * (T(1) - gg * gg);
+      dg(0, 3 * n + j) = dht * tc(0, j) * og * (T(1) - og);
+      dcn(0, j) = dc * fg;
+    }
+  }
+
   /// y = a ⊘ b element-wise (same shapes; y may be a or b).
   template <class T>
   static void div(std::type_identity_t<ConstMatrixView<T>> a, std::type_identity_t<ConstMatrixView<T>> b, MatrixView<T> y) {

@@ -447,6 +447,8 @@ std::vector<StateEntry<T>> collect_state(Model& model, const std::string& adapte
     using L = std::remove_cvref_t<decltype(layer)>;
     if constexpr (adapted_traits<L>::value) {
       static_assert(std::is_same_v<typename L::scalar, T>, "save_pretrained: every adapted layer of the model must have the same scalar type");
+      static_assert(L::backend_type::host_accessible,
+                    "save_pretrained reads parameters from host memory: save a CPU twin of a device model (download its tensors)");
       const bool has = layer.has_adapter(adapter);
       if (has) {
         if (paths) paths->push_back(path);
@@ -777,6 +779,8 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
       using L = std::remove_cvref_t<decltype(layer)>;
       if constexpr (detail::adapted_traits<L>::value) {
         using T = typename L::scalar;
+        static_assert(L::backend_type::host_accessible,
+                      "load_pretrained writes parameters into host memory: load into a CPU twin, then upload its tensors to the device model");
         auto need = [&](const std::string& key, MatrixView<T> view, std::vector<std::uint64_t> shape) {
           expected.push_back(key);
           if (!file.contains(key)) {

@@ -115,8 +115,8 @@ class MultitaskPromptEmbedding {
     const Index n = num_virtual_tokens(), d = token_dim(), r = config.num_ranks, K = config.num_tasks;
     cols_.resize(std::size_t(K * n * r));
     rows_.resize(std::size_t(K * r * d));
-    gen.normal(cols_.data(), cols_.size(), 0.0, 0.02);
-    gen.normal(rows_.data(), rows_.size(), 0.0, 0.02);
+    Backend::random_normal(gen, flat(cols_), 0.0, 0.02);
+    Backend::random_normal(gen, flat(rows_), 0.0, 0.02);
     if (config.from_source()) load_source(source);
     set_requires_grad(!config.inference_mode);
   }
@@ -294,11 +294,11 @@ class MultitaskPromptEmbedding {
       const Index k = Index(ctx.task_ids[std::size_t(b)]);
       const auto dp = d.row_block(b * period, n);
       const auto m = ConstMatrixView<T>(ctx.m.data() + b * n * dm_, n, dm_);
-      for (Index i = 0; i < n; ++i)
-        for (Index j = 0; j < dm_; ++j) {
-          ge(i, j) += dp(i, j) * m(i, j);
-          dm(i, j) = dp(i, j) * e(i, j);
-        }
+      Backend::copy(dp, dm);  // ge += dp ⊙ m (dm as scratch), then dm = dp ⊙ e
+      Backend::mul(m, dm);
+      Backend::axpby(T(1), ConstMatrixView<T>(dm), T(1), ge);
+      Backend::copy(dp, dm);
+      Backend::mul(e, dm);
       auto gc = MatrixView<T>(dcols_.data() + k * n * r, n, r), gr = MatrixView<T>(drows_.data() + k * r * dm_, r, dm_);
       Backend::template gemm<Trans::no, Trans::yes>(ctx.scratch, T(1), dm, rows_of(k), T(1), gc);
       Backend::template gemm<Trans::yes, Trans::no>(ctx.scratch, T(1), cols_of(k), dm, T(1), gr);

@@ -94,7 +94,7 @@ class PromptEncoder {
     config.validate();
     const Index n = config.total_virtual_tokens(), d = config.token_dim, h = config.hidden();
     weight_.resize(std::size_t(n * d));
-    gen.normal(weight_.data(), weight_.size(), 0.0, 1.0);
+    Backend::random_normal(gen, flat(weight_), 0.0, 1.0);
     if (!config.inference_mode) {
       if (is_lstm()) {
         const double k = 1.0 / std::sqrt(double(h));
@@ -187,7 +187,7 @@ class PromptEncoder {
       const bool last = k + 1 == mlp_.size();
       auto z = last ? out : MatrixView<T>(ctx.z[k].data(), n, mlp_[k].out_features());
       mlp_[k].forward(ctx.mlp[k], x, z);
-      if (!last) relu(z);
+      if (!last) Backend::relu_forward(z);
       x = z;
     }
     ++ctx.dropout_step;
@@ -249,7 +249,9 @@ class PromptEncoder {
     auto ctx = make_context(1);
     ctx.training = false;
     const auto out = encode(ctx);
-    return std::vector<T>(out.data, out.data + out.size());
+    std::vector<T> host(std::size_t(out.size()));
+    Backend::template download<T>(out, MatrixView<T>(host.data(), out.rows, out.cols));
+    return host;
   }
 
   /// PEFT's names inside prompt_encoder.<adapter>: "embedding.weight", "mlp_head.<i>.weight|bias",
@@ -272,11 +274,6 @@ class PromptEncoder {
   }
 
  private:
-  static T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
-  static void relu(MatrixView<T> z) {
-    for (Index i = 0; i < z.rows; ++i)
-      for (Index j = 0; j < z.cols; ++j) z(i, j) = std::max(z(i, j), T(0));
-  }
   void check_batch(const Context& ctx, Index batch, const char* where) const {
     if (ctx.max_batch == 0) throw StateError(detail::cat(where, ": the context was not made by make_context"));
     if (batch <= 0 || batch > ctx.max_batch)
@@ -309,32 +306,28 @@ class PromptEncoder {
         auto hprev = MatrixView<T>(D.hprev.data(), n, h), cprev = MatrixView<T>(D.cprev.data(), n, h);
         auto rec = MatrixView<T>(D.rec.data(), 1, 4 * h);
         w_ih_[k].forward(D.ih, x, gates);
+        auto yd = y.col_block(dir * h, h);  // this direction's half of the layer output
         for (Index s = 0; s < n; ++s) {
           const Index t = dir == 0 ? s : n - 1 - s, prev = dir == 0 ? t - 1 : t + 1;
-          for (Index j = 0; j < h; ++j) {
-            hprev(t, j) = s == 0 ? T(0) : y(prev, dir * h + j);
-            cprev(t, j) = s == 0 ? T(0) : c(prev, j);
+          auto hp = hprev.row_block(t, 1), cp = cprev.row_block(t, 1);
+          if (s == 0) {
+            Backend::fill(hp, T(0));
+            Backend::fill(cp, T(0));
+          } else {
+            Backend::copy(ConstMatrixView<T>(yd.row_block(prev, 1)), hp);
+            Backend::copy(ConstMatrixView<T>(c.row_block(prev, 1)), cp);
           }
-          w_hh_[k].forward_into(D.hh, hprev.row_block(t, 1), rec);
-          for (Index j = 0; j < h; ++j) {
-            const T ig = sigmoid(gates(t, j) + rec(0, j)), fg = sigmoid(gates(t, h + j) + rec(0, h + j));
-            const T gg = std::tanh(gates(t, 2 * h + j) + rec(0, 2 * h + j)), og = sigmoid(gates(t, 3 * h + j) + rec(0, 3 * h + j));
-            gates(t, j) = ig;
-            gates(t, h + j) = fg;
-            gates(t, 2 * h + j) = gg;
-            gates(t, 3 * h + j) = og;
-            c(t, j) = fg * cprev(t, j) + ig * gg;
-            tc(t, j) = std::tanh(c(t, j));
-            y(t, dir * h + j) = og * tc(t, j);
-          }
+          w_hh_[k].forward_into(D.hh, hp, rec);
+          Backend::lstm_cell(gates.row_block(t, 1), ConstMatrixView<T>(rec), ConstMatrixView<T>(cp), c.row_block(t, 1), tc.row_block(t, 1),
+                             yd.row_block(t, 1));
         }
       }
       if (p > 0.0 && l + 1 < L) {  // torch.nn.LSTM's dropout on every layer's output but the last
         auto mask = MatrixView<T>(ctx.mask[std::size_t(l)].data(), n, 2 * h), xd = MatrixView<T>(ctx.x[std::size_t(l)].data(), n, 2 * h);
         Backend::fill(mask, T(1));
         Backend::dropout(ConstMatrixView<T>(mask), mask, p, ctx.dropout_seed, ctx.dropout_step * std::uint64_t(L) + std::uint64_t(l));
-        for (Index i = 0; i < n; ++i)
-          for (Index j = 0; j < 2 * h; ++j) xd(i, j) = y(i, j) * mask(i, j);
+        Backend::copy(ConstMatrixView<T>(y), xd);
+        Backend::mul(ConstMatrixView<T>(mask), xd);
         x = xd;
       } else {
         if (l + 1 < L) Backend::fill(MatrixView<T>(ctx.mask[std::size_t(l)].data(), n, 2 * h), T(1));
@@ -360,18 +353,11 @@ class PromptEncoder {
         // dc_{t+1} ⊙ f_{t+1}, carried in rec's first h entries (rec is free during backward)
         auto dcn = MatrixView<T>(D.rec.data(), 1, h);
         Backend::fill(dcn, T(0));
+        const auto dyd = ConstMatrixView<T>(dy.col_block(dir * h, h));
         for (Index s = n; s-- > 0;) {
           const Index t = dir == 0 ? s : n - 1 - s;
-          for (Index j = 0; j < h; ++j) {
-            const T ig = gates(t, j), fg = gates(t, h + j), gg = gates(t, 2 * h + j), og = gates(t, 3 * h + j);
-            const T dht = dy(t, dir * h + j) + dh(0, j);
-            const T dc = dcn(0, j) + dht * og * (T(1) - tc(t, j) * tc(t, j));
-            dg(t, j) = dc * gg * ig * (T(1) - ig);
-            dg(t, h + j) = dc * cprev(t, j) * fg * (T(1) - fg);
-            dg(t, 2 * h + j) = dc * ig * (T(1) - gg * gg);
-            dg(t, 3 * h + j) = dht * tc(t, j) * og * (T(1) - og);
-            dcn(0, j) = dc * fg;
-          }
+          Backend::lstm_cell_backward(ConstMatrixView<T>(gates.row_block(t, 1)), ConstMatrixView<T>(tc.row_block(t, 1)),
+                                      ConstMatrixView<T>(cprev.row_block(t, 1)), dyd.row_block(t, 1), ConstMatrixView<T>(dh), dcn, dg.row_block(t, 1));
           w_hh_[k].backward_input(D.hh, dg.row_block(t, 1), dh, T(0));
         }
         if (requires_grad_) {
@@ -384,8 +370,8 @@ class PromptEncoder {
       }
       if (l > 0) {  // through the dropout mask into the previous layer's output
         auto dprev = MatrixView<T>(ctx.dy[std::size_t(l - 1)].data(), n, 2 * h), mask = MatrixView<T>(ctx.mask[std::size_t(l - 1)].data(), n, 2 * h);
-        for (Index i = 0; i < n; ++i)
-          for (Index j = 0; j < 2 * h; ++j) dprev(i, j) = dx(i, j) * mask(i, j);
+        Backend::copy(ConstMatrixView<T>(dx), dprev);
+        Backend::mul(ConstMatrixView<T>(mask), dprev);
       }
     }
   }
@@ -410,10 +396,7 @@ class PromptEncoder {
       else dx = weight_grad();
       mlp_[k].backward(ctx.mlp[k], g, dx, params, first && !is_lstm() ? params : GradMode::overwrite);
       if (!first) {  // through the ReLU of the previous Linear's output
-        auto z = MatrixView<T>(ctx.z[k - 1].data(), n, mlp_[k].in_features());
-        for (Index i = 0; i < n; ++i)
-          for (Index j = 0; j < z.cols; ++j)
-            if (!(z(i, j) > T(0))) dx(i, j) = T(0);
+        Backend::relu_backward(ConstMatrixView<T>(ctx.z[k - 1].data(), n, mlp_[k].in_features()), dx);
       }
       g = dx;
     }

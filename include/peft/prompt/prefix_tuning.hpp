@@ -106,7 +106,7 @@ class PrefixEncoder {
     const Index nvt = config.num_virtual_tokens;
     const Index width = config.projects() ? config.token_dim : config.prefix_dim();
     weight_.resize(std::size_t(nvt * width));
-    gen.normal(weight_.data(), weight_.size(), 0.0, 1.0);
+    Backend::random_normal(gen, flat(weight_), 0.0, 1.0);
     if (config.projects()) {
       t0_ = Linear<T, Backend>(config.token_dim, config.hidden(), true, gen);
       t2_ = Linear<T, Backend>(config.hidden(), config.prefix_dim(), true, gen);
@@ -178,8 +178,7 @@ class PrefixEncoder {
     const Index nvt = num_virtual_tokens(), H = config_.hidden();
     auto hid = MatrixView<T>(ctx.hid.data(), nvt, H), act = MatrixView<T>(ctx.act.data(), nvt, H);
     t0_.forward(ctx.t0, weight(), hid);
-    for (Index i = 0; i < nvt; ++i)
-      for (Index j = 0; j < H; ++j) act(i, j) = std::tanh(hid(i, j));
+    Backend::tanh_forward(ConstMatrixView<T>(hid), act);
     t2_.forward(ctx.t2, act, out);
   }
 
@@ -198,16 +197,11 @@ class PrefixEncoder {
     for (Index l = 0; l < L; ++l) {
       auto k = MatrixView<T>(ctx.keys.data() + l * per, rows, hd), v = MatrixView<T>(ctx.values.data() + l * per, rows, hd);
       for (Index b = 0; b < batch; ++b)
-        for (Index h = 0; h < NH; ++h)
-          for (Index t = 0; t < nvt; ++t) {
-            const Index r = (b * NH + h) * nvt + t;
-            const T* src_k = &pre(t, ((2 * l) * NH + h) * hd);
-            const T* src_v = &pre(t, ((2 * l + 1) * NH + h) * hd);
-            for (Index e = 0; e < hd; ++e) {
-              k(r, e) = src_k[e];
-              v(r, e) = src_v[e];
-            }
-          }
+        for (Index h = 0; h < NH; ++h) {  // rows [(b·NH + h)·nvt, +nvt) of k / v: head h's columns of the prefix
+          const Index r = (b * NH + h) * nvt;
+          Backend::copy(ConstMatrixView<T>(pre.col_block(((2 * l) * NH + h) * hd, hd)), k.row_block(r, nvt));
+          Backend::copy(ConstMatrixView<T>(pre.col_block(((2 * l + 1) * NH + h) * hd, hd)), v.row_block(r, nvt));
+        }
       ctx.past[std::size_t(l)] = nn::PastKeyValue<T>{k, v, nvt};
       ctx.dpast[std::size_t(l)] = nn::PastKeyValueGrad<T>{MatrixView<T>(ctx.dkeys.data() + l * per, rows, hd),
                                                           MatrixView<T>(ctx.dvalues.data() + l * per, rows, hd), GradMode::overwrite};
@@ -236,19 +230,14 @@ class PrefixEncoder {
     auto dpre = MatrixView<T>(ctx.dprefix.data(), nvt, P);
     Backend::fill(dpre, T(0));
     for (Index l = 0; l < L; ++l) {
-      const T* dk = ctx.dkeys.data() + l * per;
-      const T* dv = ctx.dvalues.data() + l * per;
+      const auto dk = ConstMatrixView<T>(ctx.dkeys.data() + l * per, batch * NH * nvt, hd);
+      const auto dv = ConstMatrixView<T>(ctx.dvalues.data() + l * per, batch * NH * nvt, hd);
       for (Index b = 0; b < batch; ++b)
-        for (Index h = 0; h < NH; ++h)
-          for (Index t = 0; t < nvt; ++t) {
-            const Index r = (b * NH + h) * nvt + t;
-            T* ok = &dpre(t, ((2 * l) * NH + h) * hd);
-            T* ov = &dpre(t, ((2 * l + 1) * NH + h) * hd);
-            for (Index e = 0; e < hd; ++e) {
-              ok[e] += dk[r * hd + e];
-              ov[e] += dv[r * hd + e];
-            }
-          }
+        for (Index h = 0; h < NH; ++h) {
+          const Index r = (b * NH + h) * nvt;
+          Backend::axpby(T(1), dk.row_block(r, nvt), T(1), dpre.col_block(((2 * l) * NH + h) * hd, hd));
+          Backend::axpby(T(1), dv.row_block(r, nvt), T(1), dpre.col_block(((2 * l + 1) * NH + h) * hd, hd));
+        }
     }
     backward_prefix(ctx, dpre, params);
   }
@@ -267,8 +256,7 @@ class PrefixEncoder {
     auto dact = MatrixView<T>(ctx.dact.data(), nvt, H);
     auto act = MatrixView<T>(ctx.act.data(), nvt, H);
     t2_.backward(ctx.t2, dprefix, dact, params, GradMode::overwrite);
-    for (Index i = 0; i < nvt; ++i)
-      for (Index j = 0; j < H; ++j) dact(i, j) *= T(1) - act(i, j) * act(i, j);
+    Backend::tanh_backward(ConstMatrixView<T>(act), dact);
     t0_.backward(ctx.t0, dact, weight_grad(), params, params);
   }
 
@@ -289,8 +277,10 @@ class PrefixEncoder {
   /// encoder). Allocates (not a hot-path call).
   std::vector<T> prompt_embeddings() const {
     auto ctx = make_context(1);
-    std::vector<T> out(std::size_t(num_virtual_tokens() * prefix_dim()));
-    encode(ctx, MatrixView<T>(out.data(), num_virtual_tokens(), prefix_dim()));
+    const auto pre = MatrixView<T>(ctx.prefix.data(), num_virtual_tokens(), prefix_dim());
+    encode(ctx, pre);
+    std::vector<T> out(std::size_t(pre.size()));
+    Backend::template download<T>(ConstMatrixView<T>(pre), MatrixView<T>(out.data(), pre.rows, pre.cols));
     return out;
   }
 

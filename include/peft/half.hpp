@@ -1,0 +1,101 @@
+// peft++ — 16-bit storage types for the CUDA backend: peft::bf16 (bfloat16) and peft::half (IEEE binary16).
+//
+// They are storage types: host code converts them to float to compute (implicitly), and converts back with
+// round-to-nearest-even (the rounding of CUDA's __float2bfloat16_rn / __float2half_rn and of PyTorch's
+// `.to(torch.bfloat16)` from float32). The layout is CUDA's __nv_bfloat16 / __half (16 bits, no padding),
+// so device memory holding either is read by the CUDA kernels as those types. The CPU backend does not
+// compute in them; on the GPU every kernel loads them as float, computes in float and stores the result
+// (fp32 accumulation), and GEMMs run through cublasGemmEx with CUBLAS_COMPUTE_32F.
+#pragma once
+
+#include <bit>
+#include <cstdint>
+#include <type_traits>
+
+namespace peft {
+
+namespace detail {
+/// float → bfloat16 bits, round to nearest, ties to even; NaN stays a (quiet) NaN.
+constexpr std::uint16_t float_to_bf16_bits(float f) noexcept {
+  std::uint32_t u = std::bit_cast<std::uint32_t>(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return std::uint16_t((u >> 16) | 0x0040u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return std::uint16_t(u >> 16);
+}
+constexpr float bf16_bits_to_float(std::uint16_t b) noexcept { return std::bit_cast<float>(std::uint32_t(b) << 16); }
+
+/// float → IEEE binary16 bits, round to nearest, ties to even (subnormals, overflow to ±inf, NaN kept).
+constexpr std::uint16_t float_to_half_bits(float f) noexcept {
+  const std::uint32_t u = std::bit_cast<std::uint32_t>(f);
+  const std::uint32_t sign = (u >> 16) & 0x8000u;
+  std::uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return std::uint16_t(sign | 0x7e00u);   // NaN
+  if (a >= 0x477ff000u) return std::uint16_t(sign | 0x7c00u);  // >= 65520 rounds to infinity
+  if (a < 0x38800000u) {                                       // below 2^-14: a subnormal half (or zero)
+    if (a <= 0x33000000u) return std::uint16_t(sign);          // <= 2^-25 rounds to zero (2^-25 ties to even: 0)
+    const std::uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    const int shift = 126 - int(a >> 23);                      // |f| / 2^-24 = m >> shift
+    const std::uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), halfway = 1u << (shift - 1);
+    return std::uint16_t(sign | (q + ((rem > halfway || (rem == halfway && (q & 1u))) ? 1u : 0u)));
+  }
+  a -= 0x38000000u;  // exponent bias 127 → 15
+  return std::uint16_t(sign | ((a + 0xfffu + ((a >> 13) & 1u)) >> 13));
+}
+constexpr float half_bits_to_float(std::uint16_t h) noexcept {
+  const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0) {
+    const float v = float(m) * 5.9604644775390625e-08f;  // m · 2^-24 (zero or subnormal)
+    return sign ? -v : v;
+  }
+  if (e == 31) return std::bit_cast<float>(sign | 0x7f800000u | (m << 13));
+  return std::bit_cast<float>(sign | ((e + 112u) << 23) | (m << 13));
+}
+}  // namespace detail
+
+/// bfloat16 storage (8-bit exponent, 8-bit significand).
+struct bf16 {
+  std::uint16_t bits;
+  bf16() = default;
+  template <class U>
+    requires std::is_arithmetic_v<U>
+  constexpr bf16(U v) noexcept : bits(detail::float_to_bf16_bits(float(v))) {}
+  constexpr operator float() const noexcept { return detail::bf16_bits_to_float(bits); }
+  static constexpr bf16 from_bits(std::uint16_t b) noexcept {
+    bf16 r;
+    r.bits = b;
+    return r;
+  }
+  // compound assignment: computed in float, rounded once
+  constexpr bf16& operator+=(float v) noexcept { return *this = bf16(float(*this) + v); }
+  constexpr bf16& operator-=(float v) noexcept { return *this = bf16(float(*this) - v); }
+  constexpr bf16& operator*=(float v) noexcept { return *this = bf16(float(*this) * v); }
+  constexpr bf16& operator/=(float v) noexcept { return *this = bf16(float(*this) / v); }
+};
+
+/// IEEE binary16 storage (5-bit exponent, 11-bit significand; largest finite 65504).
+struct half {
+  std::uint16_t bits;
+  half() = default;
+  template <class U>
+    requires std::is_arithmetic_v<U>
+  constexpr half(U v) noexcept : bits(detail::float_to_half_bits(float(v))) {}
+  constexpr operator float() const noexcept { return detail::half_bits_to_float(bits); }
+  static constexpr half from_bits(std::uint16_t b) noexcept {
+    half r;
+    r.bits = b;
+    return r;
+  }
+  // compound assignment: computed in float, rounded once
+  constexpr half& operator+=(float v) noexcept { return *this = half(float(*this) + v); }
+  constexpr half& operator-=(float v) noexcept { return *this = half(float(*this) - v); }
+  constexpr half& operator*=(float v) noexcept { return *this = half(float(*this) * v); }
+  constexpr half& operator/=(float v) noexcept { return *this = half(float(*this) / v); }
+};
+
+static_assert(sizeof(bf16) == 2 && sizeof(half) == 2 && std::is_trivially_copyable_v<bf16> && std::is_trivially_copyable_v<half>);
+
+/// Whether T is one of the 16-bit storage types.
+template <class T>
+inline constexpr bool is_half_precision_v = std::is_same_v<T, bf16> || std::is_same_v<T, half>;
+
+}  // namespace peft
