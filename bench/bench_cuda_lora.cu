@@ -1,7 +1,9 @@
 // bench_cuda_lora — GPU timings of the CUDA backend (needs an NVIDIA GPU; builds without one).
 //
-// For each shape (M tokens, D = in = out features, LoRA rank r), all in float, no bias, eval mode (no dropout):
-//   cublas_ms        plain cublasSgemm y = x Wᵀ on the same row-major buffers (own handle, default math)
+// For each shape (M tokens, D = in = out features, LoRA rank r), in float (default) or with 16-bit storage
+// (--dtype=bf16 | --dtype=half: fp32 accumulation), no bias, eval mode (no dropout):
+//   cublas_ms        plain cuBLAS y = x Wᵀ on the same row-major buffers (own handle, default math): cublasSgemm,
+//                    or cublasGemmEx with CUBLAS_COMPUTE_32F for 16-bit storage
 //   base_ms          Linear<float, CudaBackend>::forward (the same GEMM through peft++)
 //   base_eff         cublas_ms / base_ms                      (target ≥ 0.95)
 //   lora_ms          Adapted<Linear<float, CudaBackend>, Lora>::forward with rank r
@@ -14,7 +16,7 @@
 // r = 16/64. Each time is the mean over `iters` launches after a warm-up, measured with CUDA events on the
 // current stream.
 //
-//   bench_cuda_lora [--large-only] [--iters=N]
+//   bench_cuda_lora [--large-only] [--iters=N] [--dtype=float|bf16|half]
 #define EIGEN_NO_CUDA  // Eigen (the CPU backend, included by the layer headers) as plain host code
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -24,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <peft/adapted.hpp>
@@ -72,11 +75,12 @@ struct Shape {
   std::vector<int> ranks;
 };
 
+template <class T>
 void run_shape(const Shape& s, int iters) {
   const Index m = s.m, d = s.d;
   peft::Generator gen(42);
   // one weight for every layer of this shape (borrowed), one input, one upstream gradient
-  peft::DeviceBuffer<float> w(std::size_t(d * d)), x(std::size_t(m * d)), dy(std::size_t(m * d)), y(std::size_t(m * d)),
+  peft::DeviceBuffer<T> w(std::size_t(d * d)), x(std::size_t(m * d)), dy(std::size_t(m * d)), y(std::size_t(m * d)),
       dx(std::size_t(m * d));
   Gpu::random_uniform(gen, w.view(d, d), -0.02, 0.02);
   Gpu::random_uniform(gen, x.view(m, d), -1.0, 1.0);
@@ -88,12 +92,19 @@ void run_shape(const Shape& s, int iters) {
   check(cublasSetStream(h, peft::cuda::current_stream()), "cublasSetStream");
   const float one = 1, zero = 0;
   auto cublas_fwd = [&] {
-    check(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, int(d), int(m), int(d), &one, w.data(), int(d), x.data(), int(d), &zero, y.data(), int(d)),
-          "cublasSgemm");
+    if constexpr (std::is_same_v<T, float>) {
+      check(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, int(d), int(m), int(d), &one, w.data(), int(d), x.data(), int(d), &zero, y.data(), int(d)),
+            "cublasSgemm");
+    } else {
+      const cudaDataType_t type = std::is_same_v<T, peft::bf16> ? CUDA_R_16BF : CUDA_R_16F;
+      check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(d), int(m), int(d), &one, w.data(), type, int(d), x.data(), type, int(d), &zero,
+                         y.data(), type, int(d), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            "cublasGemmEx");
+    }
   };
   const double t_cublas = time_ms(cublas_fwd, iters);
 
-  auto base = peft::Linear<float, Gpu>::borrow(w.view(d, d));
+  auto base = peft::Linear<T, Gpu>::borrow(w.view(d, d));
   auto bctx = base.make_context(m);
   const double t_base = time_ms([&] { base.forward(bctx, x.view(m, d), y.view(m, d)); }, iters);
   const double t_base_fb = time_ms(
@@ -104,7 +115,7 @@ void run_shape(const Shape& s, int iters) {
       iters);
 
   for (int r : s.ranks) {
-    peft::Adapted<peft::Linear<float, Gpu>, peft::Lora> layer(peft::Linear<float, Gpu>::borrow(w.view(d, d)));
+    peft::Adapted<peft::Linear<T, Gpu>, peft::Lora> layer(peft::Linear<T, Gpu>::borrow(w.view(d, d)));
     peft::LoraConfig cfg;
     cfg.r = r;
     cfg.lora_alpha = 2.0 * r;
@@ -132,11 +143,15 @@ void run_shape(const Shape& s, int iters) {
 int main(int argc, char** argv) {
   bool large_only = false;
   int iters = 20;
+  std::string dtype = "float";
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--large-only") == 0) large_only = true;
     else if (std::strncmp(argv[i], "--iters=", 8) == 0) iters = std::max(1, std::atoi(argv[i] + 8));
+    else if (std::strncmp(argv[i], "--dtype=", 8) == 0 && (std::string(argv[i] + 8) == "float" || std::string(argv[i] + 8) == "bf16" ||
+                                                           std::string(argv[i] + 8) == "half"))
+      dtype = argv[i] + 8;
     else {
-      std::fprintf(stderr, "usage: %s [--large-only] [--iters=N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--large-only] [--iters=N] [--dtype=float|bf16|half]\n", argv[0]);
       return 2;
     }
   }
@@ -144,7 +159,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_cuda_lora: no CUDA device; nothing measured\n");
     return 1;
   }
-  std::printf("device: %s, iterations per timing: %d\n\n", peft::cuda::device_name().c_str(), iters);
+  std::printf("device: %s, storage: %s, iterations per timing: %d\n\n", peft::cuda::device_name().c_str(), dtype.c_str(), iters);
   std::printf("|     M |     D |   r | cublas_ms |   base_ms | base_eff |   lora_ms | lora_over_base | base_fb_ms | lora_fb_ms | fb_over_base | base_TFLOPs |\n");
   std::printf("|------:|------:|----:|----------:|----------:|---------:|----------:|---------------:|-----------:|-----------:|-------------:|------------:|\n");
   std::vector<Shape> shapes;
@@ -153,7 +168,11 @@ int main(int argc, char** argv) {
       for (int d : {256, 1024, 4096}) shapes.push_back({m, d, {8, 16}});
   for (int d : {4096, 8192}) shapes.push_back({4096, d, {16, 64}});
   try {
-    for (const auto& s : shapes) run_shape(s, iters);
+    for (const auto& s : shapes) {
+      if (dtype == "bf16") run_shape<peft::bf16>(s, iters);
+      else if (dtype == "half") run_shape<peft::half>(s, iters);
+      else run_shape<float>(s, iters);
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda_lora: %s\n", e.what());
     return 1;

@@ -509,6 +509,148 @@ template <class T> struct RescaleRowsOp {
   }
 };
 
+// ---- the transformer blocks' kernels (NnKernels<CudaBackend>) ---------------------------------------------
+
+constexpr int kRowThreads = 256;
+/// The sum of v over the block's 256 threads, in a fixed tree order; every thread gets it.
+template <class A>
+__device__ A block_sum(A v, A* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int w = kRowThreads / 2; w > 0; w >>= 1) {
+    if (int(threadIdx.x) < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+    __syncthreads();
+  }
+  const A r = sh[0];
+  __syncthreads();
+  return r;
+}
+template <class A>
+__device__ A block_max(A v, A* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int w = kRowThreads / 2; w > 0; w >>= 1) {
+    if (int(threadIdx.x) < w) sh[threadIdx.x] = sh[threadIdx.x + w] > sh[threadIdx.x] ? sh[threadIdx.x + w] : sh[threadIdx.x];
+    __syncthreads();
+  }
+  const A r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+/// One block per row: mean, biased variance (two passes), y = (x − mean) · rstd · gamma + beta.
+template <class T>
+__global__ void k_layer_norm_fwd(Mat<const T> x, Index d, const T* gamma, const T* beta, A_<T> eps, Mat<T> y, T* mean, T* rstd) {
+  using A = A_<T>;
+  __shared__ A sh[kRowThreads];
+  const Index i = blockIdx.x;
+  A s = A(0);
+  for (Index j = threadIdx.x; j < d; j += kRowThreads) s += x(i, j);
+  const A mu = block_sum(s, sh) / A(d);
+  A v = A(0);
+  for (Index j = threadIdx.x; j < d; j += kRowThreads) {
+    const A t = x(i, j) - mu;
+    v += t * t;
+  }
+  const A r = A(1) / sqrt(block_sum(v, sh) / A(d) + eps);
+  if (threadIdx.x == 0) {
+    mean[i] = Num<T>::st(mu);
+    rstd[i] = Num<T>::st(r);
+  }
+  for (Index j = threadIdx.x; j < d; j += kRowThreads) y.set(i, j, (x(i, j) - mu) * r * ld(gamma[j]) + ld(beta[j]));
+}
+/// One block per row: dx = beta_dx · dx + rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)), g = dy ⊙ gamma.
+template <class T>
+__global__ void k_layer_norm_bwd_dx(Mat<const T> x, Mat<const T> dy, Index d, const T* gamma, const T* mean, const T* rstd, Mat<T> dx,
+                                    A_<T> beta_dx) {
+  using A = A_<T>;
+  __shared__ A sh[kRowThreads];
+  const Index i = blockIdx.x;
+  const A mu = ld(mean[i]), r = ld(rstd[i]);
+  A mg = A(0), mgx = A(0);
+  for (Index j = threadIdx.x; j < d; j += kRowThreads) {
+    const A g = dy(i, j) * ld(gamma[j]);
+    mg += g;
+    mgx += g * (x(i, j) - mu) * r;
+  }
+  mg = block_sum(mg, sh) / A(d);
+  mgx = block_sum(mgx, sh) / A(d);
+  for (Index j = threadIdx.x; j < d; j += kRowThreads) {
+    const A g = dy(i, j) * ld(gamma[j]);
+    const A v = r * (g - mg - (x(i, j) - mu) * r * mgx);
+    dx.set(i, j, beta_dx == A(0) ? v : beta_dx * dx(i, j) + v);
+  }
+}
+template <class T> struct LoadDyXhat {
+  Mat<const T> x, dy; const T *mean, *rstd;
+  __device__ A_<T> operator()(Index i, Index j) const { return dy(i, j) * (x(i, j) - ld(mean[i])) * ld(rstd[i]); }
+};
+
+template <class A> __device__ A gelu_of(A x, nn::GeluApproximate a) {
+  if (a == nn::GeluApproximate::none) return A(0.5) * x * (A(1) + erf(x * A(0.70710678118654752440)));
+  const A k = A(0.79788456080286535588);  // √(2/π)
+  return A(0.5) * x * (A(1) + tanh(k * (x + A(0.044715) * x * x * x)));
+}
+template <class A> __device__ A gelu_grad_of(A x, nn::GeluApproximate a) {
+  if (a == nn::GeluApproximate::none) {
+    const A cdf = A(0.5) * (A(1) + erf(x * A(0.70710678118654752440)));
+    const A pdf = exp(A(-0.5) * x * x) * A(0.39894228040143267794);  // 1/√(2π)
+    return cdf + x * pdf;
+  }
+  const A k = A(0.79788456080286535588);
+  const A t = tanh(k * (x + A(0.044715) * x * x * x));
+  return A(0.5) * (A(1) + t) + A(0.5) * x * (A(1) - t * t) * k * (A(1) + A(3 * 0.044715) * x * x);
+}
+template <class T> struct GeluOp {
+  Mat<const T> x; Mat<T> y; nn::GeluApproximate a;
+  __device__ void operator()(Index i, Index j) const { y.set(i, j, gelu_of(x(i, j), a)); }
+};
+template <class T> struct GeluBackOp {
+  Mat<const T> x, dy; Mat<T> dx; A_<T> beta; nn::GeluApproximate a;
+  __device__ void operator()(Index i, Index j) const {
+    const A_<T> v = dy(i, j) * gelu_grad_of(x(i, j), a);
+    dx.set(i, j, beta == A_<T>(0) ? v : beta * dx(i, j) + v);
+  }
+};
+
+/// One block per query row s: the softmax over the keys it may see (j <= past + s and mask[j] != 0), zero
+/// elsewhere; a row that sees nothing becomes zeros.
+template <class T>
+__global__ void k_masked_causal_softmax(Mat<T> sc, Index len, Index past, const std::int64_t* mask) {
+  using A = A_<T>;
+  __shared__ A sh[kRowThreads];
+  const Index s = blockIdx.x;
+  const Index last = len < past + s + 1 ? len : past + s + 1;
+  A mx = -INFINITY;
+  for (Index j = threadIdx.x; j < last; j += kRowThreads)
+    if (!mask || mask[j] != 0) mx = sc(s, j) > mx ? sc(s, j) : mx;
+  mx = block_max(mx, sh);
+  if (mx == A(-INFINITY)) {
+    for (Index j = threadIdx.x; j < len; j += kRowThreads) sc.set(s, j, A(0));
+    return;
+  }
+  A sum = A(0);
+  for (Index j = threadIdx.x; j < len; j += kRowThreads) {
+    const bool vis = j < last && (!mask || mask[j] != 0);
+    const A e = vis ? exp(sc(s, j) - mx) : A(0);
+    sc.set(s, j, e);
+    sum += e;
+  }
+  const A inv = A(1) / block_sum(sum, sh);
+  for (Index j = threadIdx.x; j < len; j += kRowThreads) sc.set(s, j, sc(s, j) * inv);
+}
+/// One block per row: dp = scale · p ⊙ (dp − Σ_j p ⊙ dp).
+template <class T>
+__global__ void k_softmax_backward(Mat<const T> p, Mat<T> dp, Index len, A_<T> scale) {
+  using A = A_<T>;
+  __shared__ A sh[kRowThreads];
+  const Index s = blockIdx.x;
+  A dot = A(0);
+  for (Index j = threadIdx.x; j < len; j += kRowThreads) dot += p(s, j) * dp(s, j);
+  dot = block_sum(dot, sh);
+  for (Index j = threadIdx.x; j < len; j += kRowThreads) dp.set(s, j, scale * p(s, j) * (dp(s, j) - dot));
+}
+
 }  // namespace
 }  // namespace detail
 }  // namespace cuda
@@ -759,6 +901,65 @@ void CudaBackend::rescale_rows(MatrixView<T> q, MatrixView<T> y, const std::type
   each(q.rows, q.cols, cuda::detail::RescaleRowsOp<T>{dev(q), dev(y), shift, gain, offset}, "rescale_rows");
 }
 
+// ---- NnKernels<CudaBackend> -------------------------------------------------------------------------------
+
+namespace {
+void check_rows(Index rows, const char* what) {
+  if (rows > Index(INT_MAX)) throw ShapeError(detail::cat("NnKernels<CudaBackend>::", what, ": ", rows, " rows exceed one grid"));
+}
+}  // namespace
+
+template <class T>
+void nn::NnKernels<CudaBackend>::layer_norm_forward(ConstMatrixView<T> x, const T* gamma, const T* beta, double eps, MatrixView<T> y, T* mean,
+                                                    T* rstd) {
+  if (x.rows == 0) return;
+  check_rows(x.rows, "layer_norm_forward");
+  cuda::detail::k_layer_norm_fwd<T><<<unsigned(x.rows), cuda::detail::kRowThreads, 0, cuda::detail::g_stream>>>(
+      dev(x), x.cols, gamma, beta, cuda::detail::acc_t<T>(eps), dev(y), mean, rstd);
+  cuda::detail::check_launch("layer_norm_forward");
+}
+template <class T>
+void nn::NnKernels<CudaBackend>::layer_norm_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, const T* gamma, const T* mean, const T* rstd,
+                                                     MatrixView<T> dx, T beta_dx, T* dgamma, T* dbeta, T beta_p) {
+  using A = cuda::detail::acc_t<T>;
+  if (dgamma) {
+    cuda::detail::col_reduce<A>(x.rows, x.cols, cuda::detail::LoadDyXhat<T>{dev(x), dev(dy), mean, rstd},
+                                cuda::detail::StoreAxpby<T>{dgamma, A(1), A(beta_p)}, "layer_norm_backward (dgamma)");
+    if (dbeta)
+      cuda::detail::col_reduce<A>(x.rows, x.cols, cuda::detail::LoadX<T>{dev(dy)}, cuda::detail::StoreAxpby<T>{dbeta, A(1), A(beta_p)},
+                                  "layer_norm_backward (dbeta)");
+  }
+  if (dx.empty() || x.rows == 0) return;
+  check_rows(x.rows, "layer_norm_backward");
+  cuda::detail::k_layer_norm_bwd_dx<T><<<unsigned(x.rows), cuda::detail::kRowThreads, 0, cuda::detail::g_stream>>>(
+      dev(x), dev(dy), x.cols, gamma, mean, rstd, dev(dx), A(beta_dx));
+  cuda::detail::check_launch("layer_norm_backward");
+}
+template <class T>
+void nn::NnKernels<CudaBackend>::gelu_forward(ConstMatrixView<T> x, MatrixView<T> y, GeluApproximate a) {
+  each(x.rows, x.cols, cuda::detail::GeluOp<T>{dev(x), dev(y), a}, "gelu_forward");
+}
+template <class T>
+void nn::NnKernels<CudaBackend>::gelu_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, MatrixView<T> dx, T beta, GeluApproximate a) {
+  each(x.rows, x.cols, cuda::detail::GeluBackOp<T>{dev(x), dev(dy), dev(dx), cuda::detail::acc_t<T>(beta), a}, "gelu_backward");
+}
+template <class T>
+void nn::NnKernels<CudaBackend>::masked_causal_softmax(MatrixView<T> scores, Index past, const std::int64_t* mask) {
+  if (scores.rows == 0) return;
+  check_rows(scores.rows, "masked_causal_softmax");
+  cuda::detail::k_masked_causal_softmax<T><<<unsigned(scores.rows), cuda::detail::kRowThreads, 0, cuda::detail::g_stream>>>(
+      dev(scores), scores.cols, past, mask);
+  cuda::detail::check_launch("masked_causal_softmax");
+}
+template <class T>
+void nn::NnKernels<CudaBackend>::softmax_backward(ConstMatrixView<T> p, MatrixView<T> dp, T scale) {
+  if (p.rows == 0) return;
+  check_rows(p.rows, "softmax_backward");
+  cuda::detail::k_softmax_backward<T><<<unsigned(p.rows), cuda::detail::kRowThreads, 0, cuda::detail::g_stream>>>(
+      dev(p), dev(dp), p.cols, cuda::detail::acc_t<T>(scale));
+  cuda::detail::check_launch("softmax_backward");
+}
+
 // ---- explicit instantiations ------------------------------------------------------------------------------
 
 #define PEFT_CUDA_INSTANTIATE(T)                                                                                                   \
@@ -806,6 +1007,20 @@ void CudaBackend::rescale_rows(MatrixView<T> q, MatrixView<T> y, const std::type
   template void CudaBackend::sum_cols_mul<T>(ConstMatrixView<T>, ConstMatrixView<T>, T*, T, T);                                      \
   template void CudaBackend::copy_scale_rows<T>(MatrixView<T>, const T*, MatrixView<T>);                                             \
   template void CudaBackend::rescale_rows<T>(MatrixView<T>, MatrixView<T>, const T*, const T*, const T*);
+
+#define PEFT_CUDA_INSTANTIATE_NN(T)                                                                                                \
+  template void nn::NnKernels<CudaBackend>::layer_norm_forward<T>(ConstMatrixView<T>, const T*, const T*, double, MatrixView<T>, T*, T*); \
+  template void nn::NnKernels<CudaBackend>::layer_norm_backward<T>(ConstMatrixView<T>, ConstMatrixView<T>, const T*, const T*, const T*,   \
+                                                                   MatrixView<T>, T, T*, T*, T);                                         \
+  template void nn::NnKernels<CudaBackend>::gelu_forward<T>(ConstMatrixView<T>, MatrixView<T>, nn::GeluApproximate);                     \
+  template void nn::NnKernels<CudaBackend>::gelu_backward<T>(ConstMatrixView<T>, ConstMatrixView<T>, MatrixView<T>, T, nn::GeluApproximate); \
+  template void nn::NnKernels<CudaBackend>::masked_causal_softmax<T>(MatrixView<T>, Index, const std::int64_t*);                        \
+  template void nn::NnKernels<CudaBackend>::softmax_backward<T>(ConstMatrixView<T>, MatrixView<T>, T);
+
+PEFT_CUDA_INSTANTIATE_NN(float)
+PEFT_CUDA_INSTANTIATE_NN(double)
+PEFT_CUDA_INSTANTIATE_NN(bf16)
+PEFT_CUDA_INSTANTIATE_NN(half)
 
 PEFT_CUDA_INSTANTIATE(float)
 PEFT_CUDA_INSTANTIATE(double)

@@ -1,5 +1,5 @@
-// Every weight adapter on Linear, Conv2d and Embedding and every prompt-learning module on the CUDA backend
-// against the CPU backend, and the backend operations those layers add (token-id gather/scatter, im2col/col2im,
+// Every weight adapter on Linear, Conv2d and Embedding, every prompt-learning module and the transformer decoder
+// on the CUDA backend against the CPU backend, and the backend operations those layers add (token-id gather/scatter, im2col/col2im,
 // Kronecker products, per-channel row steps) against EigenCpu.
 //
 // The layer cases are tests/support/backend_parity.hpp's (the same list the OffHost test runs bit for bit on
@@ -209,6 +209,12 @@ TEST_CASE("cuda: prompt-learning modules, CPU double vs GPU double and float", "
   test::parity::prompt_cases<Gpu, float>(5e-5);
 }
 
+TEST_CASE("cuda: the transformer decoder (LayerNorm, masked attention, GELU), CPU double vs GPU double and float", "[cuda]") {
+  PEFT_REQUIRE_GPU();
+  test::parity::decoder_cases<Gpu, double>(1e-11);
+  test::parity::decoder_cases<Gpu, float>(5e-5);
+}
+
 // 16-bit storage with fp32 accumulation: the same cases in bf16 and half against CPU double. Tolerances (first
 // estimates, to be confirmed on a GPU): a few unit roundoffs of the storage type per stored intermediate —
 // bf16 (u = 2^-9) 3e-2, half (u = 2^-11) 8e-3.
@@ -219,12 +225,14 @@ TEST_CASE("cuda: bf16 and half storage, every layer case and prompt module vs CP
     test::parity::conv_cases<Gpu, bf16>(3e-2);
     test::parity::embedding_cases<Gpu, bf16>(3e-2);
     test::parity::prompt_cases<Gpu, bf16>(3e-2);
+    test::parity::decoder_cases<Gpu, bf16>(3e-2);
   }
   SECTION("half") {
     test::parity::linear_cases<Gpu, half>(8e-3);
     test::parity::conv_cases<Gpu, half>(8e-3);
     test::parity::embedding_cases<Gpu, half>(8e-3);
     test::parity::prompt_cases<Gpu, half>(8e-3);
+    test::parity::decoder_cases<Gpu, half>(8e-3);
   }
 }
 

@@ -14,6 +14,7 @@
 
 #include <catch2/catch.hpp>
 #include <cstdint>
+#include <peft/nn/decoder.hpp>
 #include <peft/prompt/multitask_prompt_tuning.hpp>
 #include <peft/prompt/p_tuning.hpp>
 #include <peft/prompt/prefix_tuning.hpp>
@@ -523,6 +524,57 @@ void prompt_cases(double tol) {
                        return back<T, B>(ConstMatrixView<T>(pv));
                      },
                      tol);
+}
+
+// ---- the transformer blocks ---------------------------------------------------------------------------------
+
+/// A two-layer GPT-2-style decoder (LayerNorm, attention with a padding mask, GELU MLP, LM head), every
+/// parameter trainable, on both backends: logits and every gradient over two steps.
+template <class Dev, class G>
+void decoder_cases(double tol) {
+  nn::DecoderConfig cfg;
+  cfg.vocab_size = 13;
+  cfg.max_position_embeddings = 10;
+  cfg.d_model = 16;
+  cfg.num_layers = 2;
+  cfg.num_heads = 2;
+  cfg.d_ff = 24;
+  const Index batch = 2, seq = 4;
+  const std::vector<std::int64_t> ids{3, 1, 4, 1, 5, 9, 2, 6}, mask{1, 1, 1, 1, 0, 1, 1, 1};  // row 1: a padded first token
+  for (auto act : {nn::GeluApproximate::tanh, nn::GeluApproximate::none}) {
+    cfg.activation = act;
+    INFO("case: decoder, GELU " << (act == nn::GeluApproximate::tanh ? "tanh" : "exact") << " (" << Dev::name << ")");
+    auto make = [&](auto tag, Generator& g) {
+      using T = typename decltype(tag)::scalar;
+      using B = typename decltype(tag)::backend;
+      auto m = nn::make_decoder<T, Linear<T, B>, Linear<T, B>>(cfg, g);
+      for_each_layer(m, [](auto& l, const std::string&) { l.set_requires_grad(true); });
+      return m;
+    };
+    Generator gc(31), gd(31);
+    auto cpu = make(Tag<double, EigenCpu>{}, gc);
+    auto dev = make(Tag<G, Dev>{}, gd);
+    auto pc = parameters<double>(cpu);
+    auto pd = parameters<G>(dev);
+    compare_params<Dev>(pc, pd, tol, "initial", false);
+    randomize<Dev>(pc, pd);
+    auto cc = cpu.make_context(batch, seq);
+    auto dc = dev.make_context(batch, seq);
+    const Index rows = batch * seq, V = cfg.vocab_size;
+    Mat<double> logits(rows, V);
+    typename Dev::template buffer<G> ld(std::size_t(rows * V)), dld(std::size_t(rows * V));
+    for (auto mode : {GradMode::overwrite, GradMode::accumulate}) {
+      INFO((mode == GradMode::overwrite ? "overwrite" : "accumulate"));
+      cpu.forward(cc, nn::DecoderInput<double>{batch, seq, TokenIds(ids), {}, {}, mask}, logits);
+      dev.forward(dc, nn::DecoderInput<G>{batch, seq, TokenIds(ids), {}, {}, mask}, ld.view(rows, V));
+      CHECK(rel(fetch<Dev>(ld.data(), rows, V), logits) <= tol);
+      const Mat<double> dl = rounded<G>(random_mat<double>(rows, V, mode == GradMode::overwrite ? 70 : 71));
+      put<Dev>(dl, dld.data());
+      cpu.backward(cc, dl, {}, mode);
+      dev.backward(dc, ConstMatrixView<G>(dld.view(rows, V)), {}, mode);
+      compare_params<Dev>(pc, pd, tol, "after backward", true);
+    }
+  }
 }
 
 }  // namespace peft::test::parity

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <peft/backend/eigen_cpu.hpp>
 #include <peft/buffer.hpp>
+#include <peft/nn/kernels.hpp>
 #include <span>
 #include <vector>
 
@@ -172,3 +173,35 @@ struct OffHost {
 };
 
 }  // namespace peft::test
+
+/// The transformer kernels on OffHost: EigenCpu's, on untagged pointers.
+template <>
+struct peft::nn::NnKernels<peft::test::OffHost> {
+  using K = NnKernels<EigenCpu>;
+  template <class T>
+  static const T* u(const T* p) noexcept { return test::off_host(p); }
+  template <class T>
+  static T* u(T* p) noexcept { return test::off_host(p); }
+  template <class T>
+  static void layer_norm_forward(ConstMatrixView<T> x, const T* gamma, const T* beta, double eps, MatrixView<T> y, T* mean, T* rstd) {
+    K::layer_norm_forward<T>(test::on_host(x), u(gamma), u(beta), eps, test::on_host(y), u(mean), u(rstd));
+  }
+  template <class T>
+  static void layer_norm_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, const T* gamma, const T* mean, const T* rstd, MatrixView<T> dx,
+                                  T beta_dx, T* dgamma, T* dbeta, T beta_p) {
+    K::layer_norm_backward<T>(test::on_host(x), test::on_host(dy), u(gamma), u(mean), u(rstd), test::on_host(dx), beta_dx, u(dgamma), u(dbeta),
+                              beta_p);
+  }
+  template <class T>
+  static void gelu_forward(ConstMatrixView<T> x, MatrixView<T> y, GeluApproximate a) { K::gelu_forward<T>(test::on_host(x), test::on_host(y), a); }
+  template <class T>
+  static void gelu_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, MatrixView<T> dx, T beta, GeluApproximate a) {
+    K::gelu_backward<T>(test::on_host(x), test::on_host(dy), test::on_host(dx), beta, a);
+  }
+  template <class T>
+  static void masked_causal_softmax(MatrixView<T> scores, Index past, const std::int64_t* mask) {
+    K::masked_causal_softmax<T>(test::on_host(scores), past, u(mask));
+  }
+  template <class T>
+  static void softmax_backward(ConstMatrixView<T> p, MatrixView<T> dp, T scale) { K::softmax_backward<T>(test::on_host(p), test::on_host(dp), scale); }
+};

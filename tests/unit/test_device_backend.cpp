@@ -131,3 +131,7 @@ TEST_CASE("16-bit storage types: conversions from float round to nearest even", 
   x += 1.0f;
   CHECK(float(x) == 4.0f);
 }
+
+TEST_CASE("off-host backend: the transformer decoder equals the CPU backend's bit for bit", "[device][nn]") {
+  test::parity::decoder_cases<OffHost, double>(0.0);
+}

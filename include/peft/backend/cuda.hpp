@@ -30,6 +30,7 @@
 #include "peft/conv_geometry.hpp"
 #include "peft/errors.hpp"
 #include "peft/half.hpp"
+#include "peft/nn/kernels_fwd.hpp"
 #include "peft/rng.hpp"
 #include "peft/view.hpp"
 
@@ -353,5 +354,26 @@ struct CudaBackend {
 
 /// The name docs/design.md uses for this policy.
 using Cuda = CudaBackend;
+
+/// The transformer blocks' kernels on the GPU (see NnKernels<EigenCpu> in peft/nn/kernels.hpp for each
+/// contract): LayerNorm forward/backward (one block per row, float accumulation for 16-bit and float storage,
+/// the parameter gradients as column reductions), GELU, the masked causal softmax (one block per row; `mask`
+/// is a device pointer) and its backward. Compiled for float, double, bf16 and half.
+template <>
+struct nn::NnKernels<CudaBackend> {
+  template <class T>
+  static void layer_norm_forward(ConstMatrixView<T> x, const T* gamma, const T* beta, double eps, MatrixView<T> y, T* mean, T* rstd);
+  template <class T>
+  static void layer_norm_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, const T* gamma, const T* mean, const T* rstd, MatrixView<T> dx,
+                                  T beta_dx, T* dgamma, T* dbeta, T beta_p);
+  template <class T>
+  static void gelu_forward(ConstMatrixView<T> x, MatrixView<T> y, GeluApproximate a);
+  template <class T>
+  static void gelu_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, MatrixView<T> dx, T beta, GeluApproximate a);
+  template <class T>
+  static void masked_causal_softmax(MatrixView<T> scores, Index past, const std::int64_t* mask);
+  template <class T>
+  static void softmax_backward(ConstMatrixView<T> p, MatrixView<T> dp, T scale);
+};
 
 }  // namespace peft

@@ -108,6 +108,7 @@ struct CausalSelfAttention {
     Buffer dprobs;                               // [max_seq, max_past + max_seq]
     Buffer dkc, dvc;                             // [max_past + max_seq, head_dim]
     typename Backend::template GemmScratch<T> scratch;
+    typename Backend::IndexStage mask;           ///< the attention mask where the backend reads it (a device copy on a GPU)
   };
 
   Index d_model() const noexcept { return q_proj.in_features(); }
@@ -155,6 +156,7 @@ struct CausalSelfAttention {
       c.scratch.reserve_gemm(s, hd, len);  // P V, dS K
     }
     for (Index l = 1; l <= len; ++l) c.scratch.reserve_gemm(l, hd, max_seq);  // dV = Pᵀ dO, dK = dSᵀ Q
+    c.mask.reserve(max_batch * len);
     return c;
   }
 
@@ -172,6 +174,7 @@ struct CausalSelfAttention {
     k_proj.forward(ctx.k, x, kv);
     v_proj.forward(ctx.v, x, vv);
     const T scale = T(1) / std::sqrt(T(hd));
+    const std::int64_t* staged_mask = mask.empty() ? nullptr : ctx.mask.stage(mask);
     for (Index b = 0; b < batch; ++b)
       for (Index h = 0; h < H; ++h) {
         const Index bh = b * H + h;
@@ -184,7 +187,7 @@ struct CausalSelfAttention {
         Backend::copy(ConstMatrixView<T>(impl::block_of(vv, b * seq, seq, h * hd, hd)), vc.row_block(P, seq));
         auto sc = MatrixView<T>(ctx.probs.data() + bh * seq * L, seq, L);
         Backend::template gemm<Trans::no, Trans::yes>(ctx.scratch, scale, impl::block_of(qv, b * seq, seq, h * hd, hd), kc, T(0), sc);
-        K::masked_causal_softmax(sc, P, mask.empty() ? nullptr : mask.data() + b * L);
+        K::masked_causal_softmax(sc, P, staged_mask ? staged_mask + b * L : nullptr);
         Backend::template gemm<Trans::no, Trans::no>(ctx.scratch, T(1), sc, vc, T(0), impl::block_of(av, b * seq, seq, h * hd, hd));
       }
     o_proj.forward(ctx.o, av, y);

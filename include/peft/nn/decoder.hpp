@@ -246,9 +246,10 @@ Decoder<T, AttnProj, MlpProj> make_decoder(const DecoderConfig& cfg, Generator& 
   // GPT-2's init on top of the default-constructed layers
   const double sd = cfg.initializer_range;
   auto init = [&](auto& layer) {
-    layer.visit_parameters([&](ParamRef<T> p) {
-      if (p.name == "weight") gen.normal(p.value, p.size, 0.0, sd);
-      else if (p.name == "bias") std::fill_n(p.value, p.size, T(0));
+    layer.visit_parameters([&](ParamRef<T> p) {  // (pointers of the backend's memory: filled by its operations)
+      const auto v = MatrixView<T>(p.value, 1, Index(p.size));
+      if (p.name == "weight") B::random_normal(gen, v, 0.0, sd);
+      else if (p.name == "bias") B::fill(v, T(0));
     });
   };
   init(m.wte);

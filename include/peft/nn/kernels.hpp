@@ -12,18 +12,10 @@
 #include <type_traits>
 
 #include "peft/backend/eigen_cpu.hpp"
+#include "peft/nn/kernels_fwd.hpp"
 #include "peft/view.hpp"
 
 namespace peft::nn {
-
-/// GELU variants, as torch.nn.functional.gelu's `approximate` argument.
-enum class GeluApproximate {
-  none,  ///< exact: 0.5 x (1 + erf(x / √2))
-  tanh,  ///< 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³))), GPT-2's "gelu_new"
-};
-
-template <class Backend>
-struct NnKernels;  // specialised per backend
 
 /// The CPU kernels. Every function works on row-major views and allocates nothing.
 template <>
