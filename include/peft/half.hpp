@@ -52,45 +52,45 @@ constexpr float half_bits_to_float(std::uint16_t h) noexcept {
 }
 }  // namespace detail
 
-/// bfloat16 storage (8-bit exponent, 8-bit significand).
-struct bf16 {
+namespace detail {
+/// The encodings: bits from float (round to nearest even) and back.
+struct Bf16Format {
+  static constexpr std::uint16_t encode(float f) noexcept { return float_to_bf16_bits(f); }
+  static constexpr float decode(std::uint16_t b) noexcept { return bf16_bits_to_float(b); }
+};
+struct HalfFormat {
+  static constexpr std::uint16_t encode(float f) noexcept { return float_to_half_bits(f); }
+  static constexpr float decode(std::uint16_t b) noexcept { return half_bits_to_float(b); }
+};
+}  // namespace detail
+
+/// A 16-bit floating-point storage type of the given encoding: converts implicitly to float, from any arithmetic
+/// type with one rounding (to float first for double: a double that lies within a float rounding of a tie can
+/// round differently from a direct double → 16-bit conversion).
+template <class Format>
+struct Float16 {
   std::uint16_t bits;
-  bf16() = default;
+  Float16() = default;
   template <class U>
     requires std::is_arithmetic_v<U>
-  constexpr bf16(U v) noexcept : bits(detail::float_to_bf16_bits(float(v))) {}
-  constexpr operator float() const noexcept { return detail::bf16_bits_to_float(bits); }
-  static constexpr bf16 from_bits(std::uint16_t b) noexcept {
-    bf16 r;
+  constexpr Float16(U v) noexcept : bits(Format::encode(float(v))) {}
+  constexpr operator float() const noexcept { return Format::decode(bits); }
+  static constexpr Float16 from_bits(std::uint16_t b) noexcept {
+    Float16 r;
     r.bits = b;
     return r;
   }
   // compound assignment: computed in float, rounded once
-  constexpr bf16& operator+=(float v) noexcept { return *this = bf16(float(*this) + v); }
-  constexpr bf16& operator-=(float v) noexcept { return *this = bf16(float(*this) - v); }
-  constexpr bf16& operator*=(float v) noexcept { return *this = bf16(float(*this) * v); }
-  constexpr bf16& operator/=(float v) noexcept { return *this = bf16(float(*this) / v); }
+  constexpr Float16& operator+=(float v) noexcept { return *this = Float16(float(*this) + v); }
+  constexpr Float16& operator-=(float v) noexcept { return *this = Float16(float(*this) - v); }
+  constexpr Float16& operator*=(float v) noexcept { return *this = Float16(float(*this) * v); }
+  constexpr Float16& operator/=(float v) noexcept { return *this = Float16(float(*this) / v); }
 };
 
+/// bfloat16 storage (8-bit exponent, 8-bit significand).
+using bf16 = Float16<detail::Bf16Format>;
 /// IEEE binary16 storage (5-bit exponent, 11-bit significand; largest finite 65504).
-struct half {
-  std::uint16_t bits;
-  half() = default;
-  template <class U>
-    requires std::is_arithmetic_v<U>
-  constexpr half(U v) noexcept : bits(detail::float_to_half_bits(float(v))) {}
-  constexpr operator float() const noexcept { return detail::half_bits_to_float(bits); }
-  static constexpr half from_bits(std::uint16_t b) noexcept {
-    half r;
-    r.bits = b;
-    return r;
-  }
-  // compound assignment: computed in float, rounded once
-  constexpr half& operator+=(float v) noexcept { return *this = half(float(*this) + v); }
-  constexpr half& operator-=(float v) noexcept { return *this = half(float(*this) - v); }
-  constexpr half& operator*=(float v) noexcept { return *this = half(float(*this) * v); }
-  constexpr half& operator/=(float v) noexcept { return *this = half(float(*this) / v); }
-};
+using half = Float16<detail::HalfFormat>;
 
 static_assert(sizeof(bf16) == 2 && sizeof(half) == 2 && std::is_trivially_copyable_v<bf16> && std::is_trivially_copyable_v<half>);
 

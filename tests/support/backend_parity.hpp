@@ -205,6 +205,17 @@ auto adds(Cfg cfg, std::optional<Cfg2> second = std::nullopt) {
   };
 }
 
+/// Adds one adapter of each kind, "l" (LoRA), "h" (LoHa), "k" (LoKr), "i" ((IA)³), all active.
+inline auto adds_four(LoraConfig l, LohaConfig h, LokrConfig k, Ia3Config i) {
+  return [=](auto& layer, Generator& g) {
+    layer.add_adapter("l", l, g);
+    layer.add_adapter("h", h, g);
+    layer.add_adapter("k", k, g);
+    layer.add_adapter("i", i, g);
+    layer.set_adapter(std::vector<std::string>{"l", "h", "k", "i"});
+  };
+}
+
 template <class Dev, class G>
 void linear_cases(double tol) {
   const Index in = 24, out = 20;
@@ -274,15 +285,7 @@ void linear_cases(double tol) {
   ada.total_step = 100;
   ada.lora_dropout = 0.1;
   run<Dev, G, LinAdaLora>("adalora", base, adds(ada), x, out, tol);
-  run<Dev, G, LinMixed>("lora + loha + lokr + ia3 (feed-forward), all active", base,
-                        [&](auto& layer, Generator& g) {
-                          layer.add_adapter("l", plain, g);
-                          layer.add_adapter("h", loha, g);
-                          layer.add_adapter("k", lokr, g);
-                          layer.add_adapter("i", ff, g);
-                          layer.set_adapter(std::vector<std::string>{"l", "h", "k", "i"});
-                        },
-                        x, out, tol);
+  run<Dev, G, LinMixed>("lora + loha + lokr + ia3 (feed-forward), all active", base, adds_four(plain, loha, lokr, ff), x, out, tol);
 }
 
 template <class Dev, class G>
@@ -332,15 +335,7 @@ void conv_cases(double tol) {
   lokr.use_effective_conv2d = true;
   lokr.decompose_both = true;
   run<Dev, G, ConvLokr>("lokr, effective conv2d, decompose_both", base, adds(lokr), x, out, tol);
-  run<Dev, G, ConvMixed>("lora + loha + lokr + ia3 (output), all active", base,
-                         [&](auto& layer, Generator& g) {
-                           layer.add_adapter("l", drop, g);
-                           layer.add_adapter("h", loha, g);
-                           layer.add_adapter("k", lokr, g);
-                           layer.add_adapter("i", ia3, g);
-                           layer.set_adapter(std::vector<std::string>{"l", "h", "k", "i"});
-                         },
-                         x, out, tol);
+  run<Dev, G, ConvMixed>("lora + loha + lokr + ia3 (output), all active", base, adds_four(drop, loha, lokr, ia3), x, out, tol);
 }
 
 template <class Dev, class G>
