@@ -30,7 +30,7 @@
 #include "peft/conv_geometry.hpp"
 #include "peft/errors.hpp"
 #include "peft/half.hpp"
-#include "peft/nn/kernels_fwd.hpp"
+#include "peft/backend/nn_kernels.hpp"
 #include "peft/rng.hpp"
 #include "peft/view.hpp"
 

@@ -12,7 +12,7 @@
 #include <type_traits>
 
 #include "peft/backend/eigen_cpu.hpp"
-#include "peft/nn/kernels_fwd.hpp"
+#include "peft/backend/nn_kernels.hpp"
 #include "peft/view.hpp"
 
 namespace peft::nn {

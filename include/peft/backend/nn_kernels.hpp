@@ -1,6 +1,6 @@
-// peft++ — what every backend's transformer kernels share: the GELU variants and the NnKernels<Backend>
-// template that each backend specialises (the CPU's in peft/nn/kernels.hpp, CUDA's in peft/backend/cuda.hpp).
-// Free of Eigen and of CUDA headers.
+// peft++ — the transformer blocks' extension point per backend: the GELU variants and the NnKernels<Backend>
+// template that each backend specialises next to its policy (the CPU's in peft/nn/kernels.hpp, CUDA's in
+// peft/backend/cuda.hpp). Free of Eigen and of CUDA headers.
 #pragma once
 
 namespace peft::nn {
