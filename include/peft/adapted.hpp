@@ -314,7 +314,7 @@ class Adapted {
             bank.make_context(bctx, ctx.base.scratch, max_batch);
         },
         std::index_sequence_for<Kinds...>{});
-    if constexpr (base_per_image) ctx.weff.resize(std::size_t(base_.weight().size()));
+    if constexpr (base_per_image && any_bank_folds) ctx.weff.resize(std::size_t(base_.weight().size()));  // (not for Ia3 alone)
     ctx.generation = generation_;
     return ctx;
   }
@@ -708,6 +708,11 @@ class Adapted {
   }
 
   static constexpr bool base_per_image = requires { Base::per_image; };
+  /// Whether a kind's bank can fold its ΔW into a Conv2d base's product (has image_fold).
+  template <class Bank>
+  static constexpr bool bank_folds = requires(const Bank& b, typename Bank::Context& c, Scratch& s, MatrixView<T> w) { b.image_fold(c, s, w); };
+  /// Whether any kind can: only then does a context hold the weight-sized folded-weight buffer.
+  static constexpr bool any_bank_folds = (bank_folds<typename Kinds::template bank<Base>> || ...);
 
   /// Whether forward can run every additive bank on the base's columns (each has the per-image steps and accepts its
   /// active slots; banks that scale the layer, such as (IA)³, keep their own steps around it).

@@ -155,5 +155,14 @@ TEST_CASE("conv2d adapters fold into the base's product only when every one that
     l.set_adapter(std::vector<std::string>{"h", "k"});  // LoHa and LoKr alone always fold
     l.forward(ctx, x, y);
     CHECK(ctx.folded);
+    CHECK(ctx.weff.size() == std::size_t(g.out_channels * g.patch()));  // the folded weight's buffer
   }
+  // a layer whose kinds cannot fold ((IA)³ only scales) holds no weight-sized buffer in its contexts
+  Generator gen(3);
+  Adapted<Conv2d<double>, Ia3> ia3(Conv2d<double>(g, true, gen));
+  ia3.add_adapter("i", Ia3Config{}, gen);
+  auto ictx = ia3.make_context(2);
+  CHECK(ictx.weff.size() == 0);
+  ia3.forward(ictx, x, y);
+  CHECK(!ictx.folded);
 }
