@@ -10,8 +10,10 @@
 #include <cmath>
 #include <limits>
 #include <peft/half.hpp>
+#include <peft/io/prompt_checkpoint.hpp>
 
 #include "backend_parity.hpp"
+#include "io_test_util.hpp"
 #include "off_host_backend.hpp"
 
 using namespace peft;
@@ -134,4 +136,37 @@ TEST_CASE("16-bit storage types: conversions from float round to nearest even", 
 
 TEST_CASE("off-host backend: the transformer decoder equals the CPU backend's bit for bit", "[device][nn]") {
   test::parity::decoder_cases<OffHost, double>(0.0);
+}
+
+TEST_CASE("off-host backend: prompt checkpoints save from and load into device memory", "[device][prompt][io]") {
+  MultitaskPromptTuningConfig mt;
+  mt.num_virtual_tokens = 4;
+  mt.num_tasks = 3;
+  mt.num_ranks = 2;
+  const test::Mat<double> words = test::random_mat<double>(11, 6, 1);
+  test::OffHostBuffer<double> wd(std::size_t(words.size()));
+  OffHost::upload<double>(words, wd.view(11, 6));
+  Generator g1(5), g2(6);
+  MultitaskPromptEmbedding<double, OffHost> dev(mt, ConstMatrixView<double>(wd.view(11, 6)), g1);
+  MultitaskPromptEmbedding<double> cpu(mt, words, g2);  // another seed: different numbers until loaded
+  const auto values = [](auto& m) {
+    std::vector<double> v;
+    m.visit_parameters([&](const auto& p) {
+      std::vector<double> h(p.size);
+      using B = typename std::remove_cvref_t<decltype(m)>::backend_type;
+      B::template download<double>(ConstMatrixView<double>(p.value, 1, Index(p.size)), MatrixView<double>(h.data(), 1, Index(p.size)));
+      v.insert(v.end(), h.begin(), h.end());
+    });
+    return v;
+  };
+  REQUIRE(values(dev) != values(cpu));
+  test::TempDir a("peft_device_prompt"), b("peft_device_prompt");
+  io::save_prompt_pretrained(dev, a.path, {}, /*sync=*/false);  // device → file
+  io::load_prompt_weights(cpu, a.path);                           // file → host
+  CHECK(values(cpu) == values(dev));
+  Generator g3(7);
+  MultitaskPromptEmbedding<double, OffHost> dev2(mt, ConstMatrixView<double>(wd.view(11, 6)), g3);
+  io::save_prompt_pretrained(cpu, b.path, {}, false);
+  io::load_prompt_weights(dev2, b.path);  // file → device
+  CHECK(values(dev2) == values(cpu));
 }

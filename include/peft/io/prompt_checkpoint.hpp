@@ -330,13 +330,13 @@ namespace detail {
 template <class M>
 struct PromptModuleTraits;
 template <class T, class B>
-struct PromptModuleTraits<PromptEmbedding<T, B>> { using config = PromptTuningConfig; using scalar = T; };
+struct PromptModuleTraits<PromptEmbedding<T, B>> { using config = PromptTuningConfig; using scalar = T; using backend = B; };
 template <class T, class B>
-struct PromptModuleTraits<PromptEncoder<T, B>> { using config = PromptEncoderConfig; using scalar = T; };
+struct PromptModuleTraits<PromptEncoder<T, B>> { using config = PromptEncoderConfig; using scalar = T; using backend = B; };
 template <class T, class B>
-struct PromptModuleTraits<PrefixEncoder<T, B>> { using config = PrefixTuningConfig; using scalar = T; };
+struct PromptModuleTraits<PrefixEncoder<T, B>> { using config = PrefixTuningConfig; using scalar = T; using backend = B; };
 template <class T, class B>
-struct PromptModuleTraits<MultitaskPromptEmbedding<T, B>> { using config = MultitaskPromptTuningConfig; using scalar = T; };
+struct PromptModuleTraits<MultitaskPromptEmbedding<T, B>> { using config = MultitaskPromptTuningConfig; using scalar = T; using backend = B; };
 
 /// The shape of prompt_embeddings for a module's config.
 template <class C>
@@ -345,12 +345,17 @@ std::vector<std::uint64_t> prompt_embeddings_shape(const C& c) {
   else return {std::uint64_t(c.total_virtual_tokens()), std::uint64_t(c.token_dim)};
 }
 
-template <class T>
+/// A view of the backend's memory (device memory on a GPU) as a host vector, row-major.
+template <class Backend, class T>
 std::vector<T> to_vector(ConstMatrixView<T> v) {
   std::vector<T> out(std::size_t(v.rows * v.cols));
-  for (Index i = 0; i < v.rows; ++i)
-    for (Index k = 0; k < v.cols; ++k) out[std::size_t(i * v.cols + k)] = v(i, k);
+  Backend::template download<T>(v, MatrixView<T>(out.data(), v.rows, v.cols));
   return out;
+}
+/// dst (the backend's memory) = the host values `src` (row-major, dst's shape).
+template <class Backend, class T>
+void from_vector(const std::vector<T>& src, std::size_t offset, MatrixView<T> dst) {
+  Backend::template upload<T>(ConstMatrixView<T>(src.data() + offset, dst.rows, dst.cols), dst);
 }
 
 }  // namespace detail
@@ -363,10 +368,11 @@ prompt_state_dict(const Module& m) {
   using Tr = detail::PromptModuleTraits<Module>;
   using T = typename Tr::scalar;
   using C = typename Tr::config;
+  using B = typename Tr::backend;
   const C& c = m.config();
   std::vector<std::pair<std::string, std::pair<std::vector<std::uint64_t>, std::vector<T>>>> out;
   std::vector<T> pe;
-  if constexpr (std::is_same_v<C, PromptTuningConfig> || std::is_same_v<C, MultitaskPromptTuningConfig>) pe = detail::to_vector<T>(m.prompt_embeddings());
+  if constexpr (std::is_same_v<C, PromptTuningConfig> || std::is_same_v<C, MultitaskPromptTuningConfig>) pe = detail::to_vector<B, T>(m.prompt_embeddings());
   else pe = m.prompt_embeddings();
   out.push_back({"prompt_embeddings", {detail::prompt_embeddings_shape(c), std::move(pe)}});
   if constexpr (std::is_same_v<C, MultitaskPromptTuningConfig>) {
@@ -374,8 +380,8 @@ prompt_state_dict(const Module& m) {
     const Index K = m.num_tasks(), n = m.num_virtual_tokens(), r = m.num_ranks(), d = m.token_dim();
     std::vector<T> cols, rows;
     for (Index k = 0; k < K; ++k) {
-      auto a = detail::to_vector<T>(ConstMatrixView<T>(mm.task_cols(k)));
-      auto b = detail::to_vector<T>(ConstMatrixView<T>(mm.task_rows(k)));
+      auto a = detail::to_vector<B, T>(ConstMatrixView<T>(mm.task_cols(k)));
+      auto b = detail::to_vector<B, T>(ConstMatrixView<T>(mm.task_rows(k)));
       cols.insert(cols.end(), a.begin(), a.end());
       rows.insert(rows.end(), b.begin(), b.end());
     }
@@ -415,6 +421,7 @@ void load_prompt_weights(Module& m, const std::filesystem::path& dir) {
   using Tr = detail::PromptModuleTraits<Module>;
   using T = typename Tr::scalar;
   using C = typename Tr::config;
+  using B = typename Tr::backend;
   const C& c = m.config();
   if constexpr (std::is_same_v<C, PromptEncoderConfig>) {
     if (!c.inference_mode)
@@ -445,20 +452,14 @@ void load_prompt_weights(Module& m, const std::filesystem::path& dir) {
     return v;
   };
   const auto pe = check("prompt_embeddings", detail::prompt_embeddings_shape(c));
-  auto table = m.weight();
-  for (Index i = 0; i < table.rows; ++i)
-    for (Index k = 0; k < table.cols; ++k) table(i, k) = pe[std::size_t(i * table.cols + k)];
+  detail::from_vector<B>(pe, 0, m.weight());
   if constexpr (std::is_same_v<C, MultitaskPromptTuningConfig>) {
     const Index K = m.num_tasks(), n = m.num_virtual_tokens(), r = m.num_ranks(), d = m.token_dim();
     const auto cols = check("prefix_task_cols", {std::uint64_t(K), std::uint64_t(n), std::uint64_t(r)});
     const auto rows = check("prefix_task_rows", {std::uint64_t(K), std::uint64_t(r), std::uint64_t(d)});
     for (Index k = 0; k < K; ++k) {
-      auto a = m.task_cols(k);
-      auto b = m.task_rows(k);
-      for (Index i = 0; i < n; ++i)
-        for (Index j = 0; j < r; ++j) a(i, j) = cols[std::size_t((k * n + i) * r + j)];
-      for (Index i = 0; i < r; ++i)
-        for (Index j = 0; j < d; ++j) b(i, j) = rows[std::size_t((k * r + i) * d + j)];
+      detail::from_vector<B>(cols, std::size_t(k * n * r), m.task_cols(k));
+      detail::from_vector<B>(rows, std::size_t(k * r * d), m.task_rows(k));
     }
   }
 }
