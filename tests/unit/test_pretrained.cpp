@@ -290,6 +290,10 @@ TEST_CASE("adapter_config: bad files are rejected naming the file and key", "[pr
   bad(R"({"peft_type": "IA3", "init_ia3_weights": null, "fan_in_fan_out": "no"})", {"key 'fan_in_fan_out'"});
   // found by fuzz_adapter_config: both are regex fragments in PEFT, compiled only when modules are matched
   bad(R"({"peft_type": "LORA", "modules_to_save": ["clas(ifier"]})", {"key 'modules_to_save'", "invalid regular expression"});
+  // a quantifier on a quantifier: Python's "multiple repeat" (std::regex would backtrack exponentially on it)
+  bad(R"({"peft_type": "LORA", "modules_to_save": ["clas-****nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnier"]})", {"key 'modules_to_save'", "multiple repeat"});
+  bad(R"({"peft_type": "LORA", "target_modules": "q_proj+*"})", {"key 'target_modules'", "multiple repeat"});
+  bad(R"({"peft_type": "LORA", "target_modules": "a{2}*"})", {"key 'target_modules'", "multiple repeat"});
   bad(R"({"peft_type": "LORA", "layers_to_transform": [1], "layers_pattern": "lay(ers"})", {"key 'layers_pattern'", "invalid regular expression"});
   // from disk: the path is in the message
   TempDir d;

@@ -261,6 +261,30 @@ class ConfigReader {
     } catch (const std::regex_error& e) {
       fail(key, cat("invalid regular expression '", re, "': ", e.what()));
     }
+    // Python's re refuses a quantifier applied to a quantifier ("multiple repeat", e.g. "a**"); std::regex
+    // accepts it and then backtracks exponentially (found by fuzzing: a 17-star modules_to_save entry ran for
+    // minutes). Refuse it as PEFT would. A '?' right after a quantifier makes it lazy and is allowed once.
+    bool quantified = false, lazy = false, in_class = false;
+    for (std::size_t i = 0; i < re.size(); ++i) {
+      const char ch = re[i];
+      if (ch == '\\') {  // an escaped character is an atom
+        ++i;
+        quantified = lazy = false;
+      } else if (in_class) {
+        in_class = ch != ']';
+      } else if (ch == '[') {
+        in_class = true;
+        quantified = lazy = false;
+      } else if (ch == '*' || ch == '+' || ch == '{' || (ch == '?' && (!quantified || lazy))) {
+        if (quantified) fail(key, cat("invalid regular expression '", re, "': multiple repeat at position ", i, " (as Python's re)"));
+        if (ch == '{') i = std::min(re.find('}', i), re.size() - 1);
+        quantified = true;
+      } else if (ch == '?') {  // lazy marker after a quantifier
+        lazy = true;
+      } else {
+        quantified = lazy = false;
+      }
+    }
   }
 
   /// Keys of the object that were never looked up.
