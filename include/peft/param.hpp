@@ -12,7 +12,9 @@ namespace peft {
 /// parameter's name inside its layer (for LoRA "lora_A.<adapter>", "lora_B.<adapter>"; for a base layer
 /// "weight", "bias"), prefixed by model-level helpers with the path of the layer. `trainable` tells
 /// whether the parameter currently receives gradients (PEFT's `requires_grad`). A frozen parameter may
-/// have `grad == nullptr`.
+/// have `grad == nullptr`. `host_accessible` tells whether host code may read `value` and `grad` (false for
+/// a device backend's memory: `Backend::host_accessible` of the layer that owns them); optimizers and
+/// gradient clipping for one backend refuse parameters of another.
 template <class T>
 struct ParamRef {
   std::string name;
@@ -20,6 +22,7 @@ struct ParamRef {
   T* grad = nullptr;
   std::size_t size = 0;
   bool trainable = false;
+  bool host_accessible = true;
 };
 
 }  // namespace peft

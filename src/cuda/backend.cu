@@ -651,6 +651,159 @@ __global__ void k_softmax_backward(Mat<const T> p, Mat<T> dp, Index len, A_<T> s
   for (Index j = threadIdx.x; j < len; j += kRowThreads) dp.set(s, j, scale * p(s, j) * (dp(s, j) - dot));
 }
 
+
+// ---- the training kernels (TrainKernels<CudaBackend>) ----------------------------------------------------
+
+/// f(i) for i in [0, n) (1-D grid-stride loop).
+template <class F>
+__global__ void k_each1(std::size_t n, F f) {
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) f(i);
+}
+template <class F>
+void each1(std::size_t n, const F& f, const char* what) {
+  if (n == 0) return;
+  const unsigned grid = unsigned(std::min<std::size_t>((n + 255) / 256, 8192));
+  k_each1<<<grid, 256, 0, g_stream>>>(n, f);
+  check_launch(what);
+}
+
+/// Adam/AdamW on one element: the CPU loop's operations in the accumulator type, each operand stored once.
+template <class T> struct AdamOp {
+  using A = A_<T>;
+  T *value; const T* grad; T *m, *v, *vmax;
+  A decay, wd, beta1, omb1, beta2, omb2, bc2_sqrt, eps, neg_step_size;
+  bool decoupled, use_wd, amsgrad;
+  __device__ void operator()(std::size_t i) const {
+    A g = ld(grad[i]), p = ld(value[i]), mm = ld(m[i]), vv = ld(v[i]);
+    if (decoupled) p = p * decay;
+    else if (use_wd) g = g + wd * p;
+    mm = mm * beta1;
+    mm = mm + omb1 * g;
+    vv = vv * beta2;
+    vv = vv + omb2 * g * g;
+    A denom;
+    if (amsgrad) {
+      A vm = ld(vmax[i]);
+      if (vv > vm || isnan(vv)) vm = vv;
+      vmax[i] = Num<T>::st(vm);
+      denom = sqrt(vm) / bc2_sqrt + eps;
+    } else {
+      denom = sqrt(vv) / bc2_sqrt + eps;
+    }
+    p = p + neg_step_size * mm / denom;
+    m[i] = Num<T>::st(mm);
+    v[i] = Num<T>::st(vv);
+    value[i] = Num<T>::st(p);
+  }
+};
+template <class T> struct SgdOp {
+  using A = A_<T>;
+  T* value; const T* grad; T* buf;
+  A wd, momentum, omd, neg_lr;
+  bool use_wd, use_momentum, first, nesterov;
+  __device__ void operator()(std::size_t i) const {
+    A p = ld(value[i]);
+    A d = ld(grad[i]);
+    if (use_wd) d = d + wd * p;
+    if (use_momentum) {
+      A b = first ? d : ld(buf[i]) * momentum;
+      if (!first) b = b + omd * d;
+      buf[i] = Num<T>::st(b);
+      d = nesterov ? d + momentum * b : b;
+    }
+    value[i] = Num<T>::st(p + neg_lr * d);
+  }
+};
+template <class T> struct ScaleFlatOp {
+  T* g; A_<T> c;
+  __device__ void operator()(std::size_t i) const { g[i] = Num<T>::st(ld(g[i]) * c); }
+};
+template <class T> struct ClampOp {
+  T* g; A_<T> lo, hi;
+  __device__ void operator()(std::size_t i) const {
+    const A_<T> x = ld(g[i]);
+    if (x < lo) g[i] = Num<T>::st(lo);
+    else if (x > hi) g[i] = Num<T>::st(hi);
+  }
+};
+
+/// Gradient-norm partials: kind 0 max |g| (NaN propagates), 1 Σ|g|, 2 Σ g², 3 Σ |g|^p. Block b of the
+/// kNormBlocks writes out[b]; each thread accumulates a strided share in double, then a fixed tree order.
+constexpr int kNormBlocks = 64;
+__device__ double norm_combine(double a, double b, int kind) {
+  if (kind != 0) return a + b;
+  return (b > a || isnan(b)) ? b : a;
+}
+template <class T>
+__global__ void k_norm_partials(const T* g, std::size_t n, int kind, double p, double* out) {
+  __shared__ double sh[kRowThreads];
+  double acc = 0.0;
+  for (std::size_t i = std::size_t(blockIdx.x) * kRowThreads + threadIdx.x; i < n; i += std::size_t(kNormBlocks) * kRowThreads) {
+    const double a = fabs(double(ld(g[i])));
+    const double t = kind == 0 ? a : kind == 1 ? a : kind == 2 ? a * a : pow(a, p);
+    acc = norm_combine(acc, t, kind);
+  }
+  sh[threadIdx.x] = acc;
+  __syncthreads();
+  for (int w = kRowThreads / 2; w > 0; w >>= 1) {
+    if (int(threadIdx.x) < w) sh[threadIdx.x] = norm_combine(sh[threadIdx.x], sh[threadIdx.x + w], kind);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[blockIdx.x] = sh[0];
+}
+
+/// The grow-only scratch of grad_norm's partials, one per thread (device memory and its host copy).
+struct NormScratch {
+  double* dev = nullptr;
+  std::size_t capacity = 0;
+  std::vector<double> host;
+  ~NormScratch() { peft::cuda::detail::free(dev); }
+  double* reserve(std::size_t n) {
+    if (n > capacity) {
+      peft::cuda::detail::free(dev);
+      dev = nullptr;
+      capacity = 0;
+      dev = static_cast<double*>(peft::cuda::detail::alloc(n * sizeof(double)));
+      capacity = n;
+    }
+    if (host.size() < n) host.resize(n);
+    return dev;
+  }
+};
+thread_local NormScratch g_norm_scratch;
+
+/// One block per row of logits [n, V]: the row's loss −log softmax(row)[t] in double, and dlogits =
+/// (softmax − onehot(t)) · inv_count (zero rows and zero loss where t == ignore_index).
+template <class T>
+__global__ void k_cross_entropy(Mat<const T> x, Index V, const std::int64_t* targets, std::int64_t ignore, double inv, Mat<T> dx, bool with_dx,
+                                double* row_loss) {
+  __shared__ double sh[kRowThreads];
+  const Index i = blockIdx.x;
+  const std::int64_t t = targets[i];
+  if (t == ignore) {
+    if (threadIdx.x == 0) row_loss[i] = 0.0;
+    if (with_dx)
+      for (Index j = threadIdx.x; j < V; j += kRowThreads) dx.set(i, j, A_<T>(0));
+    return;
+  }
+  double mx = -INFINITY;
+  for (Index j = threadIdx.x; j < V; j += kRowThreads) mx = fmax(mx, double(x(i, j)));
+  sh[threadIdx.x] = mx;
+  __syncthreads();
+  for (int w = kRowThreads / 2; w > 0; w >>= 1) {
+    if (int(threadIdx.x) < w) sh[threadIdx.x] = fmax(sh[threadIdx.x], sh[threadIdx.x + w]);
+    __syncthreads();
+  }
+  mx = sh[0];
+  __syncthreads();
+  double sum = 0.0;
+  for (Index j = threadIdx.x; j < V; j += kRowThreads) sum += exp(double(x(i, j)) - mx);
+  sum = block_sum(sum, sh);
+  if (threadIdx.x == 0) row_loss[i] = log(sum) + mx - double(x(i, Index(t)));
+  if (with_dx)
+    for (Index j = threadIdx.x; j < V; j += kRowThreads)
+      dx.set(i, j, A_<T>((exp(double(x(i, j)) - mx) / sum - (j == Index(t) ? 1.0 : 0.0)) * inv));
+}
 }  // namespace
 }  // namespace detail
 }  // namespace cuda
@@ -960,6 +1113,73 @@ void nn::NnKernels<CudaBackend>::softmax_backward(ConstMatrixView<T> p, MatrixVi
   cuda::detail::check_launch("softmax_backward");
 }
 
+// ---- TrainKernels<CudaBackend> ------------------------------------------------------------------------------
+
+template <class T>
+void TrainKernels<CudaBackend>::adam_update(T* value, const T* grad, T* m, T* v, T* vmax, std::size_t n, const AdamStepScalars& s) {
+  using A = cuda::detail::acc_t<T>;
+  cuda::detail::AdamOp<T> op{value, grad, m, v, vmax,
+                             A(1.0 - s.lr * s.weight_decay), A(s.weight_decay), A(s.beta1), A(1.0 - s.beta1), A(s.beta2), A(1.0 - s.beta2),
+                             A(s.bias_correction2_sqrt), A(s.eps), A(-s.step_size),
+                             s.decoupled, s.weight_decay != 0.0, s.amsgrad};
+  cuda::detail::each1(n, op, "adam_update");
+}
+template <class T>
+void TrainKernels<CudaBackend>::sgd_update(T* value, const T* grad, T* buf, std::size_t n, const SgdStepScalars& s) {
+  using A = cuda::detail::acc_t<T>;
+  cuda::detail::SgdOp<T> op{value, grad, buf, A(s.weight_decay), A(s.momentum), A(1.0 - s.dampening), A(-s.lr),
+                            s.weight_decay != 0.0, s.momentum != 0.0, s.first, s.nesterov};
+  cuda::detail::each1(n, op, "sgd_update");
+}
+template <class T>
+double TrainKernels<CudaBackend>::grad_norm(std::span<const ParamRef<T>> params, double norm_type) {
+  using cuda::detail::kNormBlocks;
+  const int kind = std::isinf(norm_type) ? 0 : norm_type == 1.0 ? 1 : norm_type == 2.0 ? 2 : 3;
+  std::size_t tensors = 0;
+  for (const auto& p : params)
+    if (p.trainable && p.size) ++tensors;
+  if (tensors == 0) return 0.0;
+  auto& sc = cuda::detail::g_norm_scratch;
+  double* out = sc.reserve(tensors * kNormBlocks);
+  std::size_t k = 0;
+  for (const auto& p : params) {
+    if (!p.trainable || !p.size) continue;
+    cuda::detail::k_norm_partials<T><<<kNormBlocks, cuda::detail::kRowThreads, 0, cuda::detail::g_stream>>>(p.grad, p.size, kind, norm_type,
+                                                                                                            out + k * kNormBlocks);
+    cuda::detail::check_launch("grad_norm");
+    ++k;
+  }
+  const std::size_t bytes = tensors * kNormBlocks * sizeof(double);
+  cuda::detail::copy_2d(sc.host.data(), bytes, out, bytes, bytes, 1, cuda::detail::CopyKind::device_to_host);  // waits for the stream
+  double total = 0.0;
+  for (std::size_t i = 0; i < tensors * kNormBlocks; ++i) {
+    const double t = sc.host[i];
+    if (kind == 0) total = (t > total || std::isnan(t)) ? t : total;
+    else total += t;
+  }
+  if (kind == 2) total = std::sqrt(total);
+  else if (kind == 3) total = std::pow(total, 1.0 / norm_type);
+  return total;
+}
+template <class T>
+void TrainKernels<CudaBackend>::scale(T* g, std::size_t n, double coef) {
+  cuda::detail::each1(n, cuda::detail::ScaleFlatOp<T>{g, cuda::detail::acc_t<T>(coef)}, "scale");
+}
+template <class T>
+void TrainKernels<CudaBackend>::clamp(T* g, std::size_t n, double lo, double hi) {
+  using A = cuda::detail::acc_t<T>;
+  cuda::detail::each1(n, cuda::detail::ClampOp<T>{g, A(lo), A(hi)}, "clamp");
+}
+template <class T>
+void TrainKernels<CudaBackend>::cross_entropy_rows(ConstMatrixView<T> logits, const std::int64_t* targets, std::int64_t ignore_index,
+                                                   double inv_count, MatrixView<T> dlogits, double* row_loss) {
+  if (logits.rows == 0) return;
+  check_rows(logits.rows, "cross_entropy_rows");
+  cuda::detail::k_cross_entropy<T><<<unsigned(logits.rows), cuda::detail::kRowThreads, 0, cuda::detail::g_stream>>>(
+      dev(logits), logits.cols, targets, ignore_index, inv_count, dev(dlogits), !dlogits.empty(), row_loss);
+  cuda::detail::check_launch("cross_entropy_rows");
+}
+
 // ---- explicit instantiations ------------------------------------------------------------------------------
 
 #define PEFT_CUDA_INSTANTIATE(T)                                                                                                   \
@@ -1026,5 +1246,19 @@ PEFT_CUDA_INSTANTIATE(float)
 PEFT_CUDA_INSTANTIATE(double)
 PEFT_CUDA_INSTANTIATE(bf16)
 PEFT_CUDA_INSTANTIATE(half)
+
+#define PEFT_CUDA_INSTANTIATE_TRAIN(T)                                                                                             \
+  template void TrainKernels<CudaBackend>::adam_update<T>(T*, const T*, T*, T*, T*, std::size_t, const AdamStepScalars&);            \
+  template void TrainKernels<CudaBackend>::sgd_update<T>(T*, const T*, T*, std::size_t, const SgdStepScalars&);                      \
+  template double TrainKernels<CudaBackend>::grad_norm<T>(std::span<const ParamRef<T>>, double);                                     \
+  template void TrainKernels<CudaBackend>::scale<T>(T*, std::size_t, double);                                                        \
+  template void TrainKernels<CudaBackend>::clamp<T>(T*, std::size_t, double, double);                                                \
+  template void TrainKernels<CudaBackend>::cross_entropy_rows<T>(ConstMatrixView<T>, const std::int64_t*, std::int64_t, double,      \
+                                                                 MatrixView<T>, double*);
+
+PEFT_CUDA_INSTANTIATE_TRAIN(float)
+PEFT_CUDA_INSTANTIATE_TRAIN(double)
+PEFT_CUDA_INSTANTIATE_TRAIN(bf16)
+PEFT_CUDA_INSTANTIATE_TRAIN(half)
 
 }  // namespace peft

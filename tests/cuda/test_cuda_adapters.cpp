@@ -215,6 +215,43 @@ TEST_CASE("cuda: the transformer decoder (LayerNorm, masked attention, GELU), CP
   test::parity::decoder_cases<Gpu, float>(5e-5);
 }
 
+TEST_CASE("cuda: a training loop (causal-LM loss, gradient clipping, AdamW, Adam, SGD), CPU double vs GPU double and float", "[cuda][train]") {
+  PEFT_REQUIRE_GPU();
+  test::parity::training_cases<Gpu, double>(1e-11, true);
+  test::parity::training_cases<Gpu, float>(5e-5, false);  // SGD only: see training_cases
+}
+
+TEST_CASE("cuda: loss, clipping and optimizer steps make no device allocation after the first step", "[cuda][train][alloc]") {
+  PEFT_REQUIRE_GPU();
+  Generator g(5);
+  Adapted<Linear<float, Gpu>, Lora> layer(Linear<float, Gpu>(32, 11, true, g));
+  layer.add_adapter("default", LoraConfig{.r = 4, .lora_alpha = 8}, g);
+  std::vector<ParamRef<float>> params;
+  layer.visit_parameters([&](ParamRef<float> p) { params.push_back(p); });
+  AdamW<float, Gpu> opt(params);
+  nn::CrossEntropyLoss<float, Gpu> loss(16);
+  const Index n = 16;
+  auto ctx = layer.make_context(n);
+  DeviceBuffer<float> x(std::size_t(n * 32)), y(std::size_t(n * 11)), dy(std::size_t(n * 11));
+  Gpu::random_uniform<float>(g, x.view(n, 32), -1.0, 1.0);
+  std::vector<std::int64_t> targets(static_cast<std::size_t>(n));
+  for (Index i = 0; i < n; ++i) targets[std::size_t(i)] = i % 11;
+  std::uint64_t before = 0;
+  double first = 0, last = 0;
+  for (int step = 0; step < 5; ++step) {
+    if (step == 1) before = cuda::allocation_count();
+    opt.zero_grad();
+    layer.forward(ctx, x.view(n, 32), y.view(n, 11));
+    last = loss(y.view(n, 11), targets, dy.view(n, 11));
+    if (step == 0) first = last;
+    layer.backward(ctx, dy.view(n, 11), {});
+    clip_grad_norm<float, Gpu>(params, 1.0);
+    opt.step();
+  }
+  CHECK(cuda::allocation_count() == before);
+  CHECK(last < first);  // the loss goes down
+}
+
 // 16-bit storage with fp32 accumulation: the same cases in bf16 and half against CPU double. Tolerances (first
 // estimates, to be confirmed on a GPU): a few unit roundoffs of the storage type per stored intermediate —
 // bf16 (u = 2^-9) 3e-2, half (u = 2^-11) 8e-3.

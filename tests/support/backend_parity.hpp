@@ -15,6 +15,8 @@
 #include <catch2/catch.hpp>
 #include <cstdint>
 #include <peft/nn/decoder.hpp>
+#include <peft/nn/loss.hpp>
+#include <peft/train/optim.hpp>
 #include <peft/prompt/multitask_prompt_tuning.hpp>
 #include <peft/prompt/p_tuning.hpp>
 #include <peft/prompt/prefix_tuning.hpp>
@@ -568,6 +570,113 @@ void decoder_cases(double tol) {
       cpu.backward(cc, dl, {}, mode);
       dev.backward(dc, ConstMatrixView<G>(dld.view(rows, V)), {}, mode);
       compare_params<Dev>(pc, pd, tol, "after backward", true);
+    }
+  }
+}
+
+// ---- a training loop: loss, gradient clipping and the optimizers on the device ------------------------------
+
+/// The decoder above trained for three steps on both backends: zero_grad, forward, the causal-LM loss
+/// (nn::causal_lm_loss on the CPU, CrossEntropyLoss<G, Dev> on Dev: the loss value and dlogits), backward,
+/// clip_grad_norm (and on the first step the ∞- and 3-norms unclipped, on the last clip_grad_value), then an
+/// optimizer step; every parameter and gradient compared after each step. Optimizers: AdamW with AMSGrad,
+/// Adam with an L2 penalty, SGD with Nesterov momentum and weight decay. `adam`: whether to run the Adam
+/// variants (their first steps move each weight by about ±lr whatever the gradient's size, so a gradient
+/// near zero whose sign differs between float and double moves a weight by 2·lr: compare them in double).
+template <class Dev, class G>
+void training_cases(double tol, bool adam) {
+  nn::DecoderConfig cfg;
+  cfg.vocab_size = 13;
+  cfg.max_position_embeddings = 10;
+  cfg.d_model = 16;
+  cfg.num_layers = 2;
+  cfg.num_heads = 2;
+  cfg.d_ff = 24;
+  const Index batch = 2, seq = 4, rows = batch * seq, V = cfg.vocab_size;
+  const std::vector<std::int64_t> ids{3, 1, 4, 1, 5, 9, 2, 6}, mask{1, 1, 1, 1, 0, 1, 1, 1};
+  const std::vector<std::int64_t> labels{3, 1, -100, 1, 5, 9, 2, 6};  // one ignored label
+  auto make = [&](auto tag, Generator& g) {
+    using T = typename decltype(tag)::scalar;
+    using B = typename decltype(tag)::backend;
+    auto m = nn::make_decoder<T, Linear<T, B>, Linear<T, B>>(cfg, g);
+    for_each_layer(m, [](auto& l, const std::string&) { l.set_requires_grad(true); });
+    return m;
+  };
+  auto close = [&](double d, double c) { return std::abs(d - c) <= tol * std::max(1.0, std::abs(c)); };
+  for (int which = adam ? 0 : 2; which < 3; ++which) {
+    INFO("case: training loop with " << (which == 0 ? "AdamW (amsgrad)" : which == 1 ? "Adam (L2 penalty)" : "SGD (nesterov)") << " ("
+                                     << Dev::name << ")");
+    Generator gc(37), gd(37);
+    auto cpu = make(Tag<double, EigenCpu>{}, gc);
+    auto dev = make(Tag<G, Dev>{}, gd);
+    auto pc = parameters<double>(cpu);
+    auto pd = parameters<G>(dev);
+    compare_params<Dev>(pc, pd, tol, "initial", false);
+    auto cc = cpu.make_context(batch, seq);
+    auto dc = dev.make_context(batch, seq);
+    Mat<double> logits(rows, V), dl(rows, V);
+    typename Dev::template buffer<G> ld(std::size_t(rows * V)), dld(std::size_t(rows * V));
+    nn::CrossEntropyLoss<G, Dev> loss_dev(rows);
+    auto train = [&](auto& opt_c, auto& opt_d) {
+      for (int step = 0; step < 3; ++step) {
+        INFO("step " << step);
+        opt_c.zero_grad();
+        opt_d.zero_grad();
+        cpu.forward(cc, nn::DecoderInput<double>{batch, seq, TokenIds(ids), {}, {}, mask}, logits);
+        dev.forward(dc, nn::DecoderInput<G>{batch, seq, TokenIds(ids), {}, {}, mask}, ld.view(rows, V));
+        const double lc = nn::causal_lm_loss<double>(logits, labels, batch, seq, dl);
+        const double lv = loss_dev.causal_lm(ld.view(rows, V), labels, batch, seq, dld.view(rows, V));
+        CHECK(std::isfinite(lc));
+        CHECK(close(lv, lc));
+        CHECK(rel(fetch<Dev>(dld.data(), rows, V), dl) <= tol);
+        cpu.backward(cc, dl, {}, GradMode::accumulate);  // onto the gradients zero_grad cleared
+        dev.backward(dc, ConstMatrixView<G>(dld.view(rows, V)), {}, GradMode::accumulate);
+        compare_params<Dev>(pc, pd, tol, "after backward", true);
+        if (step == 0) {
+          for (double p : {std::numeric_limits<double>::infinity(), 3.0, 1.0}) {
+            INFO("norm type " << p);
+            const double nc = clip_grad_norm<double>(pc, 1e30, p);  // no clipping
+            CHECK(nc > 0.0);
+            CHECK(close(clip_grad_norm<G, Dev>(pd, 1e30, p), nc));
+          }
+        }
+        const double nc = clip_grad_norm<double>(pc, 0.5);
+        const double nd = clip_grad_norm<G, Dev>(pd, 0.5);
+        CHECK(nc > 0.5);  // the clip acts
+        CHECK(close(nd, nc));
+        if (step == 2) {
+          clip_grad_value<double>(pc, 0.01);
+          clip_grad_value<G, Dev>(pd, 0.01);
+        }
+        compare_params<Dev>(pc, pd, tol, "after clipping", true);
+        opt_c.step();
+        opt_d.step();
+        compare_params<Dev>(pc, pd, tol, "after the optimizer step", true);
+      }
+    };
+    if (which == 0) {
+      AdamWOptions o;
+      o.lr = 1e-2;
+      o.amsgrad = true;
+      AdamW<double> oc(pc, o);
+      AdamW<G, Dev> od(pd, o);
+      train(oc, od);
+    } else if (which == 1) {
+      AdamOptions o;
+      o.lr = 1e-2;
+      o.weight_decay = 0.1;
+      Adam<double> oc(pc, o);
+      Adam<G, Dev> od(pd, o);
+      train(oc, od);
+    } else {
+      SGDOptions o;
+      o.lr = 0.05;
+      o.momentum = 0.9;
+      o.nesterov = true;
+      o.weight_decay = 1e-2;
+      SGD<double> oc(pc, o);
+      SGD<G, Dev> od(pd, o);
+      train(oc, od);
     }
   }
 }

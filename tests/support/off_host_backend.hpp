@@ -13,6 +13,7 @@
 #include <peft/backend/eigen_cpu.hpp>
 #include <peft/buffer.hpp>
 #include <peft/nn/kernels.hpp>
+#include <peft/train/kernels.hpp>
 #include <span>
 #include <vector>
 
@@ -204,4 +205,35 @@ struct peft::nn::NnKernels<peft::test::OffHost> {
   }
   template <class T>
   static void softmax_backward(ConstMatrixView<T> p, MatrixView<T> dp, T scale) { K::softmax_backward<T>(test::on_host(p), test::on_host(dp), scale); }
+};
+
+/// The training kernels on OffHost: EigenCpu's, on untagged pointers.
+template <>
+struct peft::TrainKernels<peft::test::OffHost> {
+  using K = TrainKernels<EigenCpu>;
+  template <class T>
+  static T* u(T* p) noexcept { return test::off_host(p); }
+  template <class T>
+  static void adam_update(T* value, const T* grad, T* m, T* v, T* vmax, std::size_t n, const AdamStepScalars& s) {
+    K::adam_update<T>(u(value), u(grad), u(m), u(v), u(vmax), n, s);
+  }
+  template <class T>
+  static void sgd_update(T* value, const T* grad, T* buf, std::size_t n, const SgdStepScalars& s) {
+    K::sgd_update<T>(u(value), u(grad), u(buf), n, s);
+  }
+  template <class T>
+  static double grad_norm(std::span<const ParamRef<T>> params, double norm_type) {
+    std::vector<ParamRef<T>> host(params.begin(), params.end());
+    for (auto& p : host) p.grad = u(p.grad);
+    return K::grad_norm<T>(host, norm_type);
+  }
+  template <class T>
+  static void scale(T* g, std::size_t n, double coef) { K::scale<T>(u(g), n, coef); }
+  template <class T>
+  static void clamp(T* g, std::size_t n, double lo, double hi) { K::clamp<T>(u(g), n, lo, hi); }
+  template <class T>
+  static void cross_entropy_rows(ConstMatrixView<T> logits, const std::int64_t* targets, std::int64_t ignore_index, double inv_count,
+                                 MatrixView<T> dlogits, double* row_loss) {
+    K::cross_entropy_rows<T>(test::on_host(logits), u(targets), ignore_index, inv_count, test::on_host(dlogits), u(row_loss));
+  }
 };

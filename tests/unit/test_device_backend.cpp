@@ -138,6 +138,34 @@ TEST_CASE("off-host backend: the transformer decoder equals the CPU backend's bi
   test::parity::decoder_cases<OffHost, double>(0.0);
 }
 
+TEST_CASE("off-host backend: loss, gradient clipping and optimizers equal the CPU backend's bit for bit", "[device][train]") {
+  test::parity::training_cases<OffHost, double>(0.0, true);
+}
+
+TEST_CASE("optimizers and clipping refuse parameters of another backend's memory", "[device][train]") {
+  Generator gc(1), gd(1);
+  Linear<double> cpu(3, 2, true, gc);
+  Linear<double, OffHost> dev(3, 2, true, gd);
+  cpu.set_requires_grad(true);
+  dev.set_requires_grad(true);
+  std::vector<ParamRef<double>> pc, pd;
+  cpu.visit_parameters([&](ParamRef<double> p) { pc.push_back(p); });
+  dev.visit_parameters([&](ParamRef<double> p) { pd.push_back(p); });
+  REQUIRE(pd.size() == 2);
+  CHECK(pc[0].host_accessible);
+  CHECK_FALSE(pd[0].host_accessible);
+  CHECK_THROWS_WITH(AdamW<double>(pd), Catch::Contains("AdamW: parameter 'weight' is device memory") && Catch::Contains("eigen-cpu backend"));
+  CHECK_THROWS_WITH((SGD<double, OffHost>(pc)), Catch::Contains("SGD: parameter 'weight' is host memory"));
+  CHECK_THROWS_WITH(clip_grad_norm<double>(pd, 1.0), Catch::Contains("clip_grad_norm: parameter 'weight' is device memory"));
+  CHECK_THROWS_WITH(clip_grad_value<double>(pd, 1.0), Catch::Contains("clip_grad_value: parameter 'weight' is device memory"));
+  CHECK_NOTHROW(AdamW<double, OffHost>(pd));
+  nn::CrossEntropyLoss<double, OffHost> loss(2);
+  test::OffHostBuffer<double> logits(2 * 3);
+  const std::vector<std::int64_t> three{0, 1, 2}, bad{0, 7};
+  CHECK_THROWS_WITH(loss(logits.view(3, 2), three), Catch::Contains("3 rows of logits exceed the 2 reserved"));
+  CHECK_THROWS_WITH(loss(logits.view(2, 3), bad), Catch::Contains("target 7 of row 1 is outside [0, 3)"));
+}
+
 TEST_CASE("off-host backend: prompt checkpoints save from and load into device memory", "[device][prompt][io]") {
   MultitaskPromptTuningConfig mt;
   mt.num_virtual_tokens = 4;

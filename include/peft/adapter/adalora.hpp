@@ -371,9 +371,9 @@ class AdaLoraBank<Linear<T, Backend>> {
   void visit_parameters(int slot, std::string_view name, F&& f) {
     auto& a = adapters_[std::size_t(slot)];
     const std::string n(name);
-    f(ParamRef<T>{"lora_A." + n, a.a.data(), a.grad_a.data(), a.a.size(), a.requires_grad});
-    f(ParamRef<T>{"lora_B." + n, a.b.data(), a.grad_b.data(), a.b.size(), a.requires_grad});
-    f(ParamRef<T>{"lora_E." + n, a.e.data(), a.grad_e.data(), a.e.size(), a.requires_grad});
+    f(ParamRef<T>{"lora_A." + n, a.a.data(), a.grad_a.data(), a.a.size(), a.requires_grad, Backend::host_accessible});
+    f(ParamRef<T>{"lora_B." + n, a.b.data(), a.grad_b.data(), a.b.size(), a.requires_grad, Backend::host_accessible});
+    f(ParamRef<T>{"lora_E." + n, a.e.data(), a.grad_e.data(), a.e.size(), a.requires_grad, Backend::host_accessible});
   }
   void set_requires_grad(int slot, bool on) { adapters_[std::size_t(slot)].requires_grad = on; }
   void zero_grad(int slot) { adapters_[std::size_t(slot)].zero_grad(); }

@@ -253,7 +253,7 @@ class Ia3Bank {
   template <class F>
   void visit_parameters(int slot, std::string_view name, F&& f) {
     auto& a = adapters_[std::size_t(slot)];
-    f(ParamRef<T>{"ia3_l." + std::string(name), a.l.data(), a.grad_l.data(), a.l.size(), a.requires_grad});
+    f(ParamRef<T>{"ia3_l." + std::string(name), a.l.data(), a.grad_l.data(), a.l.size(), a.requires_grad, Backend::host_accessible});
   }
   void set_requires_grad(int slot, bool on) { adapters_[std::size_t(slot)].requires_grad = on; }
   void zero_grad(int slot) { adapters_[std::size_t(slot)].grad_l.zero(); }

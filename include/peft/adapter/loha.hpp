@@ -698,13 +698,13 @@ class LohaBankImpl {
   void visit_parameters(int slot, std::string_view name, F&& f) {
     auto& a = adapters_[std::size_t(slot)];
     const std::string n(name);
-    f(ParamRef<T>{"hada_w1_a." + n, a.w1a.data(), a.grad_w1a.data(), a.w1a.size(), a.requires_grad});
-    f(ParamRef<T>{"hada_w1_b." + n, a.w1b.data(), a.grad_w1b.data(), a.w1b.size(), a.requires_grad});
-    f(ParamRef<T>{"hada_w2_a." + n, a.w2a.data(), a.grad_w2a.data(), a.w2a.size(), a.requires_grad});
-    f(ParamRef<T>{"hada_w2_b." + n, a.w2b.data(), a.grad_w2b.data(), a.w2b.size(), a.requires_grad});
+    f(ParamRef<T>{"hada_w1_a." + n, a.w1a.data(), a.grad_w1a.data(), a.w1a.size(), a.requires_grad, Backend::host_accessible});
+    f(ParamRef<T>{"hada_w1_b." + n, a.w1b.data(), a.grad_w1b.data(), a.w1b.size(), a.requires_grad, Backend::host_accessible});
+    f(ParamRef<T>{"hada_w2_a." + n, a.w2a.data(), a.grad_w2a.data(), a.w2a.size(), a.requires_grad, Backend::host_accessible});
+    f(ParamRef<T>{"hada_w2_b." + n, a.w2b.data(), a.grad_w2b.data(), a.w2b.size(), a.requires_grad, Backend::host_accessible});
     if (a.cp) {  // PEFT registers hada_t1 / hada_t2 after the four factors
-      f(ParamRef<T>{"hada_t1." + n, a.t1.data(), a.grad_t1.data(), a.t1.size(), a.requires_grad});
-      f(ParamRef<T>{"hada_t2." + n, a.t2.data(), a.grad_t2.data(), a.t2.size(), a.requires_grad});
+      f(ParamRef<T>{"hada_t1." + n, a.t1.data(), a.grad_t1.data(), a.t1.size(), a.requires_grad, Backend::host_accessible});
+      f(ParamRef<T>{"hada_t2." + n, a.t2.data(), a.grad_t2.data(), a.t2.size(), a.requires_grad, Backend::host_accessible});
     }
   }
   void set_requires_grad(int slot, bool on) { adapters_[std::size_t(slot)].requires_grad = on; }

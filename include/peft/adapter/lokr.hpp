@@ -515,7 +515,7 @@ class LokrBankImpl {
     auto& a = adapters_[std::size_t(slot)];
     const std::string n(name);
     auto visit = [&](const char* tensor, buffer<T>& v, buffer<T>& g) {
-      if (!v.empty()) f(ParamRef<T>{std::string(tensor) + "." + n, v.data(), g.data(), v.size(), a.requires_grad});
+      if (!v.empty()) f(ParamRef<T>{std::string(tensor) + "." + n, v.data(), g.data(), v.size(), a.requires_grad, Backend::host_accessible});
     };
     visit("lokr_w1", a.w1, a.grad_w1);
     visit("lokr_w1_a", a.w1a, a.grad_w1a);

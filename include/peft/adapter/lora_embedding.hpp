@@ -191,11 +191,11 @@ class LoraBank<Embedding<T, Backend>> {
   void visit_parameters(int slot, std::string_view name, F&& f) {
     auto& a = adapters_[std::size_t(slot)];
     const std::string n(name);
-    f(ParamRef<T>{"lora_embedding_A." + n, a.a.data(), a.grad_a.data(), a.a.size(), a.requires_grad});
-    f(ParamRef<T>{"lora_embedding_B." + n, a.b.data(), a.grad_b.data(), a.b.size(), a.requires_grad});
+    f(ParamRef<T>{"lora_embedding_A." + n, a.a.data(), a.grad_a.data(), a.a.size(), a.requires_grad, Backend::host_accessible});
+    f(ParamRef<T>{"lora_embedding_B." + n, a.b.data(), a.grad_b.data(), a.b.size(), a.requires_grad, Backend::host_accessible});
     if (a.dora())
       f(ParamRef<T>{"lora_magnitude_vector." + n + ".weight", a.magnitude.data(), a.grad_magnitude.data(), a.magnitude.size(),
-                    a.requires_grad});
+                    a.requires_grad, Backend::host_accessible});
   }
   void set_requires_grad(int slot, bool on) { adapters_[std::size_t(slot)].requires_grad = on; }
   void zero_grad(int slot) {

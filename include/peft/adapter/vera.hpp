@@ -450,8 +450,8 @@ class VeraBank<Linear<T, Backend>> {
   void visit_parameters(int slot, std::string_view name, F&& f) {
     auto& a = adapters_[std::size_t(slot)];
     const std::string n(name);
-    f(ParamRef<T>{"vera_lambda_b." + n, a.lambda_b.data(), a.grad_lambda_b.data(), a.lambda_b.size(), a.requires_grad});
-    f(ParamRef<T>{"vera_lambda_d." + n, a.lambda_d.data(), a.grad_lambda_d.data(), a.lambda_d.size(), a.requires_grad});
+    f(ParamRef<T>{"vera_lambda_b." + n, a.lambda_b.data(), a.grad_lambda_b.data(), a.lambda_b.size(), a.requires_grad, Backend::host_accessible});
+    f(ParamRef<T>{"vera_lambda_d." + n, a.lambda_d.data(), a.grad_lambda_d.data(), a.lambda_d.size(), a.requires_grad, Backend::host_accessible});
   }
   void set_requires_grad(int slot, bool on) { adapters_[std::size_t(slot)].requires_grad = on; }
   void zero_grad(int slot) {

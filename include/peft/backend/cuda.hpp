@@ -31,6 +31,8 @@
 #include "peft/errors.hpp"
 #include "peft/half.hpp"
 #include "peft/backend/nn_kernels.hpp"
+#include "peft/backend/train_kernels.hpp"
+#include "peft/param.hpp"
 #include "peft/rng.hpp"
 #include "peft/view.hpp"
 
@@ -374,6 +376,30 @@ struct nn::NnKernels<CudaBackend> {
   static void masked_causal_softmax(MatrixView<T> scores, Index past, const std::int64_t* mask);
   template <class T>
   static void softmax_backward(ConstMatrixView<T> p, MatrixView<T> dp, T scale);
+};
+
+/// The training kernels on the GPU (see TrainKernels<EigenCpu> in peft/train/kernels.hpp for each contract):
+/// the Adam/AdamW and SGD updates (one thread per element, every operand read and written once; 16-bit
+/// storage computes in float with float scalars, rounding each tensor once per step), the gradient norm
+/// (per tensor, fixed-size blocks of double partial sums, downloaded together and added on the host in a
+/// fixed order: deterministic; the first call on a thread, or one with more tensors, allocates the partials),
+/// scale and clamp, and the per-row cross-entropy (one block per row, double accumulation; `targets` and
+/// `row_loss` are device pointers). Compiled for float, double, bf16 and half.
+template <>
+struct TrainKernels<CudaBackend> {
+  template <class T>
+  static void adam_update(T* value, const T* grad, T* m, T* v, T* vmax, std::size_t n, const AdamStepScalars& s);
+  template <class T>
+  static void sgd_update(T* value, const T* grad, T* buf, std::size_t n, const SgdStepScalars& s);
+  template <class T>
+  static double grad_norm(std::span<const ParamRef<T>> params, double norm_type);
+  template <class T>
+  static void scale(T* g, std::size_t n, double coef);
+  template <class T>
+  static void clamp(T* g, std::size_t n, double lo, double hi);
+  template <class T>
+  static void cross_entropy_rows(ConstMatrixView<T> logits, const std::int64_t* targets, std::int64_t ignore_index, double inv_count,
+                                 MatrixView<T> dlogits, double* row_loss);
 };
 
 }  // namespace peft

@@ -98,8 +98,8 @@ class LayerNorm {
 
   template <class F>
   void visit_parameters(F&& f) {
-    f(ParamRef<T>{"weight", weight_.data(), requires_grad_ ? weight_grad_.data() : nullptr, weight_.size(), requires_grad_});
-    f(ParamRef<T>{"bias", bias_.data(), requires_grad_ ? bias_grad_.data() : nullptr, bias_.size(), requires_grad_});
+    f(ParamRef<T>{"weight", weight_.data(), requires_grad_ ? weight_grad_.data() : nullptr, weight_.size(), requires_grad_, Backend::host_accessible});
+    f(ParamRef<T>{"bias", bias_.data(), requires_grad_ ? bias_grad_.data() : nullptr, bias_.size(), requires_grad_, Backend::host_accessible});
   }
   void zero_grad() { weight_grad_.zero(); bias_grad_.zero(); }
 

@@ -210,8 +210,8 @@ class MultitaskPromptEmbedding {
   template <class F>
   void visit_parameters(F&& f) {
     shared_.visit_parameters(f);
-    f(ParamRef<T>{"prefix_task_cols", cols_.data(), requires_grad_ ? dcols_.data() : nullptr, cols_.size(), requires_grad_});
-    f(ParamRef<T>{"prefix_task_rows", rows_.data(), requires_grad_ ? drows_.data() : nullptr, rows_.size(), requires_grad_});
+    f(ParamRef<T>{"prefix_task_cols", cols_.data(), requires_grad_ ? dcols_.data() : nullptr, cols_.size(), requires_grad_, Backend::host_accessible});
+    f(ParamRef<T>{"prefix_task_rows", rows_.data(), requires_grad_ ? drows_.data() : nullptr, rows_.size(), requires_grad_, Backend::host_accessible});
   }
   void zero_grad() {
     shared_.zero_grad();

@@ -258,7 +258,7 @@ class PromptEncoder {
   /// "lstm_head.weight_ih_l<k>[_reverse]", "lstm_head.bias_ih_l<k>[_reverse]", "..._hh_...".
   template <class F>
   void visit_parameters(F&& f) {
-    f(ParamRef<T>{"embedding.weight", weight_.data(), requires_grad_ ? grad_.data() : nullptr, weight_.size(), requires_grad_});
+    f(ParamRef<T>{"embedding.weight", weight_.data(), requires_grad_ ? grad_.data() : nullptr, weight_.size(), requires_grad_, Backend::host_accessible});
     for (std::size_t k = 0; k < w_ih_.size(); ++k) {
       const std::string suffix = "_l" + std::to_string(k / 2) + (k % 2 ? "_reverse" : "");
       w_ih_[k].visit_parameters([&](ParamRef<T> p) { p.name = "lstm_head." + p.name + "_ih" + suffix; f(p); });

@@ -288,7 +288,7 @@ class PrefixEncoder {
   /// projection "transform.0.weight", "transform.0.bias", "transform.2.weight", "transform.2.bias".
   template <class F>
   void visit_parameters(F&& f) {
-    f(ParamRef<T>{"embedding.weight", weight_.data(), requires_grad_ ? grad_.data() : nullptr, weight_.size(), requires_grad_});
+    f(ParamRef<T>{"embedding.weight", weight_.data(), requires_grad_ ? grad_.data() : nullptr, weight_.size(), requires_grad_, Backend::host_accessible});
     if (!config_.projects()) return;
     t0_.visit_parameters([&](ParamRef<T> p) { p.name = p.name == "weight" ? "transform.0.weight" : "transform.0.bias"; f(p); });
     t2_.visit_parameters([&](ParamRef<T> p) { p.name = p.name == "weight" ? "transform.2.weight" : "transform.2.bias"; f(p); });

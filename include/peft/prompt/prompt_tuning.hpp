@@ -186,7 +186,7 @@ class PromptEmbedding {
   /// The table as parameter "embedding.weight" (PEFT's name inside prompt_encoder.<adapter>).
   template <class F>
   void visit_parameters(F&& f) {
-    f(ParamRef<T>{"embedding.weight", weight_.data(), requires_grad_ ? grad_.data() : nullptr, weight_.size(), requires_grad_});
+    f(ParamRef<T>{"embedding.weight", weight_.data(), requires_grad_ ? grad_.data() : nullptr, weight_.size(), requires_grad_, Backend::host_accessible});
   }
   void zero_grad() { grad_.zero(); }
 

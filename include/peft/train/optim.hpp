@@ -6,6 +6,11 @@
 // parameter type T before they meet the tensors, as PyTorch converts Python scalars to the tensor's
 // dtype). For T = double the results agree with PyTorch's float64 results to rounding; for T = float
 // they agree with PyTorch's float32 results to a few units in the last place.
+//
+// Every optimizer and clipping function takes the backend as a second template argument (default
+// EigenCpu): the state lives in the backend's buffers and the element loops are TrainKernels<Backend>
+// operations, so `AdamW<float, CudaBackend>` updates a GPU model's parameters where they are. Parameters of
+// another backend's memory (ParamRef::host_accessible) are refused with std::invalid_argument.
 #pragma once
 
 #include <algorithm>
@@ -19,7 +24,9 @@
 #include <string_view>
 #include <vector>
 
+#include "peft/backend/eigen_cpu.hpp"
 #include "peft/param.hpp"
+#include "peft/train/kernels.hpp"
 
 namespace peft {
 
@@ -42,13 +49,26 @@ inline void require_option(bool ok, std::string_view what, std::string_view opti
   if (!ok) throw std::invalid_argument(invalid_option_message(what, option, value));
 }
 
+/// Throws std::invalid_argument naming `p` when its memory is not the kind `Backend` works on (a device
+/// model's parameter given to a CPU optimizer, or the reverse).
+template <class Backend, class T>
+void require_backend_memory(const ParamRef<T>& p, std::string_view what) {
+  if (p.host_accessible != Backend::host_accessible) {
+    throw std::invalid_argument(std::string(what) + ": parameter '" + p.name + "' is " +
+                                (p.host_accessible ? "host memory" : "device memory") + " but this " + std::string(what) +
+                                " runs on the " + Backend::name + " backend; give it the model's backend as its second template argument");
+  }
+}
+
 /// Returns the trainable parameters of `params` (frozen ones are dropped); throws
-/// std::invalid_argument naming the parameter when a trainable one has no gradient or no value.
-template <class T>
+/// std::invalid_argument naming the parameter when a trainable one has no gradient or no value, or lives
+/// in memory `Backend` does not work on.
+template <class Backend, class T>
 std::vector<ParamRef<T>> collect_trainable(std::span<const ParamRef<T>> params, std::string_view what) {
   std::vector<ParamRef<T>> out;
   for (const auto& p : params) {
     if (!p.trainable) continue;
+    require_backend_memory<Backend>(p, what);
     if (p.grad == nullptr && p.size != 0) {
       throw std::invalid_argument(std::string(what) + ": trainable parameter '" + p.name +
                                   "' has no gradient (grad == nullptr)");
@@ -98,7 +118,7 @@ struct AdamOptions {
 namespace detail {
 
 /// Adam's machinery shared by Adam (L2 penalty added to the gradient) and AdamW (decoupled decay).
-template <class T, bool Decoupled>
+template <class T, bool Decoupled, class Backend>
 class AdamCore {
  public:
   /// Validates the options, keeps the trainable parameters of `params` and allocates all state
@@ -112,11 +132,11 @@ class AdamCore {
     require_option(beta1 >= 0.0 && beta1 < 1.0, what, "beta1 (beta parameter at index 0)", beta1);
     require_option(beta2 >= 0.0 && beta2 < 1.0, what, "beta2 (beta parameter at index 1)", beta2);
     require_option(weight_decay >= 0.0, what, "weight_decay", weight_decay);
-    params_ = collect_trainable(params, what);
+    params_ = collect_trainable<Backend>(params, what);
     const std::size_t n = total_size(params_);
-    exp_avg_.assign(n, T(0));
-    exp_avg_sq_.assign(n, T(0));
-    if (amsgrad_) max_exp_avg_sq_.assign(n, T(0));
+    exp_avg_.resize(n);  // zero-initialised, in the backend's memory
+    exp_avg_sq_.resize(n);
+    if (amsgrad_) max_exp_avg_sq_.resize(n);
   }
 
   /// Performs one update: increments step_count(), then updates every trainable parameter's value
@@ -125,48 +145,20 @@ class AdamCore {
   void step() {
     ++step_;
     const double step = static_cast<double>(step_);
-    const double bias_correction1 = 1.0 - std::pow(beta1_, step);
-    const double bias_correction2 = 1.0 - std::pow(beta2_, step);
-    const double step_size = lr_ / bias_correction1;
-    const double bias_correction2_sqrt = std::sqrt(bias_correction2);
-
-    const T decay = static_cast<T>(1.0 - lr_ * weight_decay_);
-    const T wd = static_cast<T>(weight_decay_);
-    const T beta1 = static_cast<T>(beta1_);
-    const T one_minus_beta1 = static_cast<T>(1.0 - beta1_);
-    const T beta2 = static_cast<T>(beta2_);
-    const T one_minus_beta2 = static_cast<T>(1.0 - beta2_);
-    const T bc2_sqrt = static_cast<T>(bias_correction2_sqrt);
-    const T eps = static_cast<T>(eps_);
-    const T neg_step_size = static_cast<T>(-step_size);
-
+    AdamStepScalars sc;
+    sc.lr = lr_;
+    sc.beta1 = beta1_;
+    sc.beta2 = beta2_;
+    sc.eps = eps_;
+    sc.weight_decay = weight_decay_;
+    sc.step_size = lr_ / (1.0 - std::pow(beta1_, step));
+    sc.bias_correction2_sqrt = std::sqrt(1.0 - std::pow(beta2_, step));
+    sc.decoupled = Decoupled;
+    sc.amsgrad = amsgrad_;
     std::size_t offset = 0;
     for (const auto& p : params_) {
-      T* value = p.value;
-      const T* grad = p.grad;
-      T* m = exp_avg_.data() + offset;
-      T* v = exp_avg_sq_.data() + offset;
-      T* vmax = amsgrad_ ? max_exp_avg_sq_.data() + offset : nullptr;
-      for (std::size_t i = 0; i < p.size; ++i) {
-        T g = grad[i];
-        if constexpr (Decoupled) {
-          value[i] = value[i] * decay;  // param.mul_(1 - lr * weight_decay)
-        } else {
-          if (weight_decay_ != 0.0) g = g + wd * value[i];  // grad.add(param, alpha=weight_decay)
-        }
-        m[i] = m[i] * beta1;
-        m[i] = m[i] + one_minus_beta1 * g;  // exp_avg.mul_(beta1).add_(grad, alpha=1-beta1)
-        v[i] = v[i] * beta2;
-        v[i] = v[i] + one_minus_beta2 * g * g;  // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1-beta2)
-        T denom;
-        if (amsgrad_) {
-          if (v[i] > vmax[i] || std::isnan(v[i])) vmax[i] = v[i];  // torch.maximum (NaN propagates)
-          denom = std::sqrt(vmax[i]) / bc2_sqrt + eps;
-        } else {
-          denom = std::sqrt(v[i]) / bc2_sqrt + eps;
-        }
-        value[i] = value[i] + neg_step_size * m[i] / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
-      }
+      TrainKernels<Backend>::adam_update(p.value, static_cast<const T*>(p.grad), exp_avg_.data() + offset, exp_avg_sq_.data() + offset,
+                                         amsgrad_ ? max_exp_avg_sq_.data() + offset : static_cast<T*>(nullptr), p.size, sc);
       offset += p.size;
     }
   }
@@ -174,7 +166,8 @@ class AdamCore {
   /// Assigns zero to every element of the gradients of the trainable parameters (frozen
   /// parameters are not touched).
   void zero_grad() {
-    for (const auto& p : params_) std::fill(p.grad, p.grad + p.size, T(0));
+    for (const auto& p : params_)
+      if (p.size) Backend::template fill<T>(MatrixView<T>(p.grad, 1, Index(p.size)), T(0));
   }
 
   /// Returns the learning rate used by the next step().
@@ -197,7 +190,7 @@ class AdamCore {
   bool amsgrad_;
   long step_ = 0;
   std::vector<ParamRef<T>> params_;
-  std::vector<T> exp_avg_, exp_avg_sq_, max_exp_avg_sq_;
+  typename Backend::template buffer<T> exp_avg_, exp_avg_sq_, max_exp_avg_sq_;
 };
 
 }  // namespace detail
@@ -208,14 +201,14 @@ class AdamCore {
 ///
 /// Only the parameters with `trainable == true` are kept and updated; frozen ones are ignored.
 /// The ParamRefs are copied: the tensors they point to must outlive the optimizer.
-template <class T>
-class AdamW : public detail::AdamCore<T, true> {
+template <class T, class Backend = EigenCpu>
+class AdamW : public detail::AdamCore<T, true, Backend> {
  public:
   /// Validates `options` (std::invalid_argument naming the option), keeps the trainable parameters
   /// of `params` (std::invalid_argument naming a trainable one without gradient) and allocates the
   /// zero-initialised moment buffers.
   explicit AdamW(std::span<const ParamRef<T>> params, const AdamWOptions& options = {})
-      : detail::AdamCore<T, true>(params, options.lr, options.beta1, options.beta2, options.eps,
+      : detail::AdamCore<T, true, Backend>(params, options.lr, options.beta1, options.beta2, options.eps,
                                   options.weight_decay, options.amsgrad),
         options_(options) {}
 
@@ -232,13 +225,13 @@ class AdamW : public detail::AdamCore<T, true> {
 
 /// torch.optim.Adam: weight decay as an L2 penalty added to the gradient (`g + weight_decay * p`)
 /// before the moments are updated; otherwise as AdamW.
-template <class T>
-class Adam : public detail::AdamCore<T, false> {
+template <class T, class Backend = EigenCpu>
+class Adam : public detail::AdamCore<T, false, Backend> {
  public:
   /// Validates `options`, keeps the trainable parameters of `params` and allocates the
   /// zero-initialised moment buffers (see AdamW).
   explicit Adam(std::span<const ParamRef<T>> params, const AdamOptions& options = {})
-      : detail::AdamCore<T, false>(params, options.lr, options.beta1, options.beta2, options.eps,
+      : detail::AdamCore<T, false, Backend>(params, options.lr, options.beta1, options.beta2, options.eps,
                                    options.weight_decay, options.amsgrad),
         options_(options) {}
 
@@ -279,7 +272,7 @@ struct SGDOptions {
 /// or `d = buf`; finally `p -= lr * d`.
 ///
 /// Only the parameters with `trainable == true` are kept and updated; frozen ones are ignored.
-template <class T>
+template <class T, class Backend = EigenCpu>
 class SGD {
  public:
   /// Validates `options` (std::invalid_argument naming the option), keeps the trainable parameters
@@ -295,41 +288,26 @@ class SGD {
                                   detail::format_value(options.momentum) +
                                   ", dampening = " + detail::format_value(options.dampening) + ")");
     }
-    params_ = detail::collect_trainable(params, what);
-    if (options_.momentum != 0.0) momentum_buffer_.assign(detail::total_size(params_), T(0));
+    params_ = detail::collect_trainable<Backend>(params, what);
+    if (options_.momentum != 0.0) momentum_buffer_.resize(detail::total_size(params_));  // zero, in the backend's memory
   }
 
   /// Performs one update: increments step_count() and updates every trainable parameter's value
   /// (and momentum buffer) from its current gradient. Gradients are not modified. Allocates nothing.
   void step() {
-    const bool first = step_ == 0;
+    SgdStepScalars sc;
+    sc.first = step_ == 0;
     ++step_;
-    const T wd = static_cast<T>(options_.weight_decay);
-    const T momentum = static_cast<T>(options_.momentum);
-    const T one_minus_dampening = static_cast<T>(1.0 - options_.dampening);
-    const T neg_lr = static_cast<T>(-options_.lr);
-    const bool use_wd = options_.weight_decay != 0.0;
+    sc.lr = options_.lr;
+    sc.momentum = options_.momentum;
+    sc.dampening = options_.dampening;
+    sc.weight_decay = options_.weight_decay;
+    sc.nesterov = options_.nesterov;
     const bool use_momentum = options_.momentum != 0.0;
-
     std::size_t offset = 0;
     for (const auto& p : params_) {
-      T* value = p.value;
-      const T* grad = p.grad;
-      T* buf = use_momentum ? momentum_buffer_.data() + offset : nullptr;
-      for (std::size_t i = 0; i < p.size; ++i) {
-        T d = grad[i];
-        if (use_wd) d = d + wd * value[i];  // d_p.add(param, alpha=weight_decay)
-        if (use_momentum) {
-          if (first) {
-            buf[i] = d;  // torch.clone(d_p)
-          } else {
-            buf[i] = buf[i] * momentum;
-            buf[i] = buf[i] + one_minus_dampening * d;  // buf.mul_(momentum).add_(d_p, alpha=1-dampening)
-          }
-          d = options_.nesterov ? d + momentum * buf[i] : buf[i];
-        }
-        value[i] = value[i] + neg_lr * d;  // param.add_(d_p, alpha=-lr)
-      }
+      TrainKernels<Backend>::sgd_update(p.value, static_cast<const T*>(p.grad), use_momentum ? momentum_buffer_.data() + offset : static_cast<T*>(nullptr),
+                                        p.size, sc);
       offset += p.size;
     }
   }
@@ -337,7 +315,8 @@ class SGD {
   /// Assigns zero to every element of the gradients of the trainable parameters (frozen
   /// parameters are not touched).
   void zero_grad() {
-    for (const auto& p : params_) std::fill(p.grad, p.grad + p.size, T(0));
+    for (const auto& p : params_)
+      if (p.size) Backend::template fill<T>(MatrixView<T>(p.grad, 1, Index(p.size)), T(0));
   }
 
   /// Returns the learning rate used by the next step().
@@ -362,7 +341,7 @@ class SGD {
   SGDOptions options_;
   long step_ = 0;
   std::vector<ParamRef<T>> params_;
-  std::vector<T> momentum_buffer_;
+  typename Backend::template buffer<T> momentum_buffer_;
 };
 
 template <class T>
@@ -380,62 +359,37 @@ SGD(const std::vector<ParamRef<T>>&, const SGDOptions&) -> SGD<T>;
 /// NaN). Returns the total norm before clipping. Frozen parameters are not touched; a trainable
 /// parameter without gradient, a negative or NaN max_norm, or a norm_type that is not positive
 /// throws std::invalid_argument.
-template <class T>
+template <class T, class Backend = EigenCpu>
 double clip_grad_norm(std::span<const ParamRef<T>> params, double max_norm, double norm_type = 2.0) {
   detail::require_option(max_norm >= 0.0, "clip_grad_norm", "max_norm", max_norm);
   detail::require_option(norm_type > 0.0, "clip_grad_norm", "norm_type", norm_type);
   for (const auto& p : params) {
-    if (p.trainable && p.grad == nullptr && p.size != 0) {
+    if (!p.trainable) continue;
+    if (p.grad == nullptr && p.size != 0) {
       throw std::invalid_argument("clip_grad_norm: trainable parameter '" + p.name +
                                   "' has no gradient (grad == nullptr)");
     }
+    detail::require_backend_memory<Backend>(p, "clip_grad_norm");
   }
-  const bool inf_norm = std::isinf(norm_type);
-  double total = 0.0;
-  for (const auto& p : params) {
-    if (!p.trainable) continue;
-    for (std::size_t i = 0; i < p.size; ++i) {
-      const double a = std::abs(static_cast<double>(p.grad[i]));
-      if (inf_norm) {
-        total = (a > total || std::isnan(a)) ? a : total;
-      } else if (norm_type == 2.0) {
-        total += a * a;
-      } else if (norm_type == 1.0) {
-        total += a;
-      } else {
-        total += std::pow(a, norm_type);
-      }
-    }
-    if (inf_norm && std::isnan(total)) break;
-  }
-  if (!inf_norm) {
-    if (norm_type == 2.0) {
-      total = std::sqrt(total);
-    } else if (norm_type != 1.0) {
-      total = std::pow(total, 1.0 / norm_type);
-    }
-  }
+  const double total = TrainKernels<Backend>::grad_norm(params, norm_type);
   const double clip_coef = max_norm / (total + 1e-6);
   if (!(clip_coef >= 1.0)) {  // clamp(clip_coef, max=1); a NaN coefficient propagates as in PyTorch
-    const T coef = static_cast<T>(clip_coef);
-    for (const auto& p : params) {
-      if (!p.trainable) continue;
-      for (std::size_t i = 0; i < p.size; ++i) p.grad[i] = p.grad[i] * coef;
-    }
+    for (const auto& p : params)
+      if (p.trainable && p.size) TrainKernels<Backend>::scale(p.grad, p.size, clip_coef);
   }
   return total;
 }
 
 /// Overload of clip_grad_norm for a vector of parameter handles.
-template <class T>
+template <class T, class Backend = EigenCpu>
 double clip_grad_norm(const std::vector<ParamRef<T>>& params, double max_norm, double norm_type = 2.0) {
-  return clip_grad_norm(std::span<const ParamRef<T>>(params), max_norm, norm_type);
+  return clip_grad_norm<T, Backend>(std::span<const ParamRef<T>>(params), max_norm, norm_type);
 }
 
 /// torch.nn.utils.clip_grad_value_: assigns to each gradient element of the trainable parameters
 /// its value clamped to [-clip_value, clip_value]. Throws std::invalid_argument if clip_value is
 /// negative or NaN, or if a trainable parameter has no gradient. Frozen parameters are not touched.
-template <class T>
+template <class T, class Backend = EigenCpu>
 void clip_grad_value(std::span<const ParamRef<T>> params, double clip_value) {
   detail::require_option(clip_value >= 0.0, "clip_grad_value", "clip_value", clip_value);
   for (const auto& p : params) {
@@ -443,26 +397,16 @@ void clip_grad_value(std::span<const ParamRef<T>> params, double clip_value) {
       throw std::invalid_argument("clip_grad_value: trainable parameter '" + p.name +
                                   "' has no gradient (grad == nullptr)");
     }
+    if (p.trainable) detail::require_backend_memory<Backend>(p, "clip_grad_value");
   }
-  const T hi = static_cast<T>(clip_value);
-  const T lo = -hi;
-  for (const auto& p : params) {
-    if (!p.trainable) continue;
-    for (std::size_t i = 0; i < p.size; ++i) {
-      T& g = p.grad[i];
-      if (g < lo) {
-        g = lo;
-      } else if (g > hi) {
-        g = hi;
-      }
-    }
-  }
+  for (const auto& p : params)
+    if (p.trainable && p.size) TrainKernels<Backend>::clamp(p.grad, p.size, -clip_value, clip_value);
 }
 
 /// Overload of clip_grad_value for a vector of parameter handles.
-template <class T>
+template <class T, class Backend = EigenCpu>
 void clip_grad_value(const std::vector<ParamRef<T>>& params, double clip_value) {
-  clip_grad_value(std::span<const ParamRef<T>>(params), clip_value);
+  clip_grad_value<T, Backend>(std::span<const ParamRef<T>>(params), clip_value);
 }
 
 }  // namespace peft
