@@ -10,6 +10,9 @@
 #include <cmath>
 #include <limits>
 #include <peft/half.hpp>
+#include <fstream>
+#include <iterator>
+#include <peft/io/pretrained.hpp>
 #include <peft/io/prompt_checkpoint.hpp>
 
 #include "backend_parity.hpp"
@@ -197,4 +200,118 @@ TEST_CASE("off-host backend: prompt checkpoints save from and load into device m
   io::save_prompt_pretrained(cpu, b.path, {}, false);
   io::load_prompt_weights(dev2, b.path);  // file → device
   CHECK(values(dev2) == values(cpu));
+}
+
+// ---- adapter checkpoints of a device model ------------------------------------------------------------------
+
+namespace {
+template <class B>
+struct IoNet {
+  Adapted<Linear<double, B>, Lora, AdaLora, Vera> fc1;
+  Adapted<Linear<double, B>, Lora, AdaLora, Vera> fc2;
+  Adapted<Conv2d<double, B>, Lora> conv;
+  Adapted<Embedding<double, B>, Lora> emb;
+};
+template <class B>
+IoNet<B> make_io_net(std::uint64_t seed) {
+  Generator g(seed);
+  Conv2dGeometry geo;
+  geo.in_channels = 2;
+  geo.out_channels = 3;
+  geo.kernel_h = geo.kernel_w = 3;
+  geo.pad_h = geo.pad_w = 1;
+  geo.in_h = geo.in_w = 5;
+  return IoNet<B>{Adapted<Linear<double, B>, Lora, AdaLora, Vera>(Linear<double, B>(6, 5, true, g)),
+                  Adapted<Linear<double, B>, Lora, AdaLora, Vera>(Linear<double, B>(5, 4, true, g)),
+                  Adapted<Conv2d<double, B>, Lora>(Conv2d<double, B>(geo, true, g)),
+                  Adapted<Embedding<double, B>, Lora>(Embedding<double, B>(9, 4, g))};
+}
+/// Every parameter of the model (base and adapters) as host values, in visiting order.
+template <class B>
+std::vector<double> io_values(IoNet<B>& m) {
+  std::vector<double> v;
+  for_each_layer(m, [&](auto& l, const std::string&) {
+    l.visit_parameters([&](const ParamRef<double>& p) {
+      std::vector<double> h(p.size);
+      B::template download<double>(ConstMatrixView<double>(p.value, 1, Index(p.size)), MatrixView<double>(h.data(), 1, Index(p.size)));
+      v.insert(v.end(), h.begin(), h.end());
+    });
+  });
+  return v;
+}
+std::string file_bytes(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+/// Adds the adapters `kind` names to every layer that takes them (same seed: the same numbers on both backends).
+template <class B>
+io::AdapterConfig add_io_adapter(IoNet<B>& m, const std::string& kind) {
+  Generator g(77);
+  io::AdapterConfig c;
+  if (kind == "lora") {
+    LoraConfig lc;
+    lc.r = 2;
+    lc.lora_alpha = 4;
+    lc.init_lora_weights = LoraInit::gaussian;  // B not zero: every tensor carries numbers
+    m.fc1.add_adapter(kind, lc, g);
+    m.fc2.add_adapter(kind, lc, g);
+    m.conv.add_adapter(kind, lc, g);
+    m.emb.add_adapter(kind, lc, g);
+    c.method = lc;
+    c.bias = io::BiasMode::all;
+  } else if (kind == "ada") {  // saved truncated by the config's rank_pattern
+    AdaLoraConfig ac;
+    ac.init_r = 3;
+    ac.target_r = 2;
+    ac.total_step = 10;
+    ac.init_lora_weights = false;
+    m.fc1.add_adapter(kind, ac, g);
+    m.fc2.add_adapter(kind, ac, g);
+    ac.rank_pattern = {{"fc1", {true, false, true}}, {"fc2", {false, true, true}}};
+    c.method = ac;
+  } else {
+    VeraConfig vc;
+    vc.r = 2;
+    vc.projections = VeraProjections<double, B>::random(2, 6, 5, 3);
+    m.fc1.add_adapter(kind, vc, g);
+    m.fc2.add_adapter(kind, vc, g);
+    c.method = vc;
+  }
+  return c;
+}
+}  // namespace
+
+TEST_CASE("off-host backend: adapter checkpoints save from and load into device memory", "[device][io]") {
+  for (const std::string kind : {"lora", "ada", "vera"}) {
+    INFO("adapter: " << kind);
+    auto cpu = make_io_net<EigenCpu>(1);
+    auto dev = make_io_net<OffHost>(1);
+    const io::AdapterConfig cc = add_io_adapter(cpu, kind);
+    const io::AdapterConfig cd = add_io_adapter(dev, kind);
+    {  // trained-looking adapter values (VeRA's λ start as constants), the same on both
+      auto pc = parameters<double>(cpu);
+      auto pd = parameters<double>(dev);
+      test::parity::randomize<OffHost>(pc, pd);
+    }
+    REQUIRE(io_values(cpu) == io_values(dev));
+    test::TempDir a("peft_device_ckpt"), b("peft_device_ckpt");
+    io::SaveOptions no_sync;
+    no_sync.sync = false;
+    io::save_pretrained(cpu, a.path, kind, cc, no_sync);
+    io::save_pretrained(dev, b.path, kind, cd, no_sync);  // device → file
+    const std::string bytes = file_bytes(a.path / io::adapter_weights_name);
+    CHECK(bytes.size() > 100);
+    CHECK(file_bytes(b.path / io::adapter_weights_name) == bytes);  // the same file, byte for byte
+    CHECK(file_bytes(b.path / io::adapter_config_name) == file_bytes(a.path / io::adapter_config_name));
+
+    auto cpu2 = make_io_net<EigenCpu>(2);  // other base weights: only the adapter comes from the file
+    auto dev2 = make_io_net<OffHost>(2);
+    io::LoadOptions lo;
+    lo.seed = 5;
+    io::load_pretrained(cpu2, a.path, kind, lo);
+    io::load_pretrained(dev2, a.path, kind, lo);  // file → device
+    const auto loaded = io_values(cpu2);
+    CHECK(io_values(dev2) == loaded);
+    CHECK(loaded != io_values(cpu));  // the base weights differ (seed 2): a real comparison of two models
+  }
 }

@@ -91,6 +91,16 @@ inline std::vector<std::uint64_t> dims(std::initializer_list<Index> d) {
   return v;
 }
 
+/// The [rows, cols] view `v` of Backend's memory as a host copy, appended to `store` (which must outlive the
+/// returned view). Used when saving from a device model: checkpoints are written from host memory.
+template <class Backend, class T>
+MatrixView<T> host_copy(ConstMatrixView<T> v, std::deque<std::vector<T>>& store) {
+  auto& h = store.emplace_back(std::size_t(v.size()));
+  MatrixView<T> out(h.data(), v.rows, v.cols);
+  if (!v.empty()) Backend::template download<T>(v, out);
+  return out;
+}
+
 }  // namespace detail
 
 /// How one adapter kind maps to checkpoint tensors, and which config fields must agree for PEFT to rebuild
@@ -223,21 +233,27 @@ struct KindCheckpoint<AdaLora> {
   }
   /// The tensors truncated to the triplets `keep` marks (PEFT's resize_state_dict_by_rank_pattern), copied
   /// into `store` (which must outlive the views).
-  template <class T, class A>
+  template <class T, class Backend, class A>
   static std::vector<AdapterTensor<T>> truncated(const A& a, const std::vector<bool>& keep, std::deque<std::vector<T>>& store) {
     using detail::dims;
     const Index k = Index(std::count(keep.begin(), keep.end(), true));
+    const T *pa = a.a.data(), *pb = a.b.data(), *pe = a.e.data();
+    if constexpr (!Backend::host_accessible) {  // device memory: truncate host copies
+      pa = detail::host_copy<Backend>(ConstMatrixView<T>(pa, a.r, a.in), store).data;
+      pb = detail::host_copy<Backend>(ConstMatrixView<T>(pb, a.out, a.r), store).data;
+      pe = detail::host_copy<Backend>(ConstMatrixView<T>(pe, a.r, 1), store).data;
+    }
     auto& va = store.emplace_back();
     auto& ve = store.emplace_back();
     auto& vb = store.emplace_back();
     for (int i = 0; i < a.r; ++i) {
       if (!keep[std::size_t(i)]) continue;
-      va.insert(va.end(), a.a.data() + i * a.in, a.a.data() + (i + 1) * a.in);
-      ve.push_back(a.e[std::size_t(i)]);
+      va.insert(va.end(), pa + i * a.in, pa + (i + 1) * a.in);
+      ve.push_back(pe[i]);
     }
     for (Index o = 0; o < a.out; ++o)
       for (int i = 0; i < a.r; ++i)
-        if (keep[std::size_t(i)]) vb.push_back(a.b[std::size_t(o * a.r + i)]);
+        if (keep[std::size_t(i)]) vb.push_back(pb[o * a.r + i]);
     return {{"lora_A", MatrixView<T>(va.data(), k, a.in), dims({k, a.in})},
             {"lora_B", MatrixView<T>(vb.data(), a.out, k), dims({a.out, k})},
             {"lora_E", MatrixView<T>(ve.data(), k, 1), dims({k, 1})}};
@@ -406,6 +422,9 @@ template <class Layer>
 ModuleToSave<typename Layer::scalar> module_to_save(std::string path, Layer& layer) {
   static_assert(!detail::adapted_traits<std::remove_cvref_t<Layer>>::value,
                 "module_to_save: a module to save is a plain layer (PEFT never puts adapters on modules_to_save)");
+  static_assert(std::remove_cvref_t<Layer>::backend_type::host_accessible,
+                "module_to_save: a module to save is read and written through host views; for a device layer, save and load a CPU "
+                "twin of it (Backend::download / upload its weight and bias)");
   ModuleToSave<typename Layer::scalar> m{std::move(path), {}};
   auto w = layer.weight();
   if constexpr (detail::ConvBase<Layer>) {
@@ -447,8 +466,7 @@ std::vector<StateEntry<T>> collect_state(Model& model, const std::string& adapte
     using L = std::remove_cvref_t<decltype(layer)>;
     if constexpr (adapted_traits<L>::value) {
       static_assert(std::is_same_v<typename L::scalar, T>, "save_pretrained: every adapted layer of the model must have the same scalar type");
-      static_assert(L::backend_type::host_accessible,
-                    "save_pretrained reads parameters from host memory: save a CPU twin of a device model (download its tensors)");
+      using B = typename L::backend_type;  // a device model's tensors are downloaded into `store`
       const bool has = layer.has_adapter(adapter);
       if (has) {
         if (paths) paths->push_back(path);
@@ -461,7 +479,7 @@ std::vector<StateEntry<T>> collect_state(Model& model, const std::string& adapte
             if (const AdaLoraConfig* ac = cfg ? cfg->template get_if<AdaLoraConfig>() : nullptr) {
               const AdaLoraConfig want = ac->for_module(path);
               if (KindCheckpoint<AdaLora>::truncates(a, want)) {
-                ts = KindCheckpoint<AdaLora>::template truncated<T>(a, want.rank_pattern.front().second, *store);
+                ts = KindCheckpoint<AdaLora>::template truncated<T, B>(a, want.rank_pattern.front().second, *store);
                 done = true;
               }
             }
@@ -474,12 +492,8 @@ std::vector<StateEntry<T>> collect_state(Model& model, const std::string& adapte
                 const Index r = sp->r();
                 auto& va = store->emplace_back(std::size_t(r * max_in));
                 auto& vb = store->emplace_back(std::size_t(max_out * r));
-                const auto A = sp->A_sliced(max_in);
-                const auto B = sp->B_sliced(max_out);
-                for (Index i = 0; i < r; ++i)
-                  for (Index j = 0; j < max_in; ++j) va[std::size_t(i * max_in + j)] = A(i, j);
-                for (Index i = 0; i < max_out; ++i)
-                  for (Index j = 0; j < r; ++j) vb[std::size_t(i * r + j)] = B(i, j);
+                B::template download<T>(sp->A_sliced(max_in), MatrixView<T>(va.data(), r, max_in));  // (a copy on the CPU)
+                B::template download<T>(sp->B_sliced(max_out), MatrixView<T>(vb.data(), max_out, r));
                 out.push_back({vera_A_key, MatrixView<T>(va.data(), r, max_in), dims({r, max_in}), store});
                 out.push_back({vera_B_key, MatrixView<T>(vb.data(), max_out, r), dims({max_out, r}), store});
               };
@@ -490,14 +504,20 @@ std::vector<StateEntry<T>> collect_state(Model& model, const std::string& adapte
             max_in = std::max(max_in, a.in);
             max_out = std::max(max_out, a.out);
           }
-          if (!done) ts = KindCheckpoint<K>::tensors(layer.base(), a);
+          if (!done) {
+            ts = KindCheckpoint<K>::tensors(layer.base(), a);
+            if constexpr (!B::host_accessible)
+              for (auto& t : ts) t.view = host_copy<B>(ConstMatrixView<T>(t.view), *store);
+          }
         });
         for (auto& t : ts)
           out.push_back({std::string(state_dict_prefix) + (path.empty() ? "" : path + ".") + t.suffix, t.view, std::move(t.shape), store});
       }
       auto b = layer.base().bias();
-      if (!b.empty() && (bias == BiasMode::all || (bias == BiasMode::lora_only && has)))
-        out.push_back({std::string(state_dict_prefix) + path + (has ? ".base_layer.bias" : ".bias"), b, {std::uint64_t(b.size())}, nullptr});
+      if (!b.empty() && (bias == BiasMode::all || (bias == BiasMode::lora_only && has))) {
+        if constexpr (!B::host_accessible) b = host_copy<B>(ConstMatrixView<T>(b), *store);
+        out.push_back({std::string(state_dict_prefix) + path + (has ? ".base_layer.bias" : ".bias"), b, {std::uint64_t(b.size())}, store});
+      }
     }
   });
   if (emit_projections) emit_projections();
@@ -779,8 +799,7 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
       using L = std::remove_cvref_t<decltype(layer)>;
       if constexpr (detail::adapted_traits<L>::value) {
         using T = typename L::scalar;
-        static_assert(L::backend_type::host_accessible,
-                      "load_pretrained writes parameters into host memory: load into a CPU twin, then upload its tensors to the device model");
+        using B = typename L::backend_type;
         auto need = [&](const std::string& key, MatrixView<T> view, std::vector<std::uint64_t> shape) {
           expected.push_back(key);
           if (!file.contains(key)) {
@@ -788,7 +807,15 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
             return;
           }
           detail::check_tensor(file, key, view, shape);  // shape and dtype, before anything is written
-          pending.push_back({key, [&file, key, view] { file.read_as<T>(key, std::span<T>(view.data, std::size_t(view.size()))); }});
+          if constexpr (B::host_accessible) {
+            pending.push_back({key, [&file, key, view] { file.read_as<T>(key, std::span<T>(view.data, std::size_t(view.size()))); }});
+          } else {  // device memory: read (and convert) on the host, then upload
+            pending.push_back({key, [&file, key, view] {
+                                 std::vector<T> h(std::size_t(view.size()));
+                                 file.read_as<T>(key, std::span<T>(h));
+                                 B::template upload<T>(ConstMatrixView<T>(h.data(), view.rows, view.cols), view);
+                               }});
+          }
         };
         const bool target = selected(path);
         if (target) {
