@@ -124,6 +124,7 @@ template <class T, class Backend>
 struct AdaLoraAdapter {
   template <class U>
   using buffer = typename Backend::template buffer<U>;
+  using backend_type = Backend;
 
   AdaLoraConfig config;  ///< the resolved per-layer config
   int r = 0;             ///< current rank (init_r, or the kept rank after truncation)
@@ -137,6 +138,7 @@ struct AdaLoraAdapter {
   std::uint64_t version = 0;  ///< changes when the rank changes (truncate): contexts made before are refused
   // the orthogonal regulariser's workspace (sized with the rank, so add_orth_reg allocates nothing)
   buffer<T> cov;                                            ///< [r, r]
+  std::vector<T> cov_host;  ///< [r, r] on a device backend: the regulariser's norm is taken on the host
   typename Backend::template GemmScratch<T> orth_scratch;
 
   MatrixView<T> A() { return a.view(r, in); }
@@ -159,6 +161,7 @@ struct AdaLoraAdapter {
     grad_e.resize(e.size());
     grad_b.resize(b.size());
     cov.resize(std::size_t(r * r));
+    if constexpr (!Backend::host_accessible) cov_host.assign(std::size_t(r * r), T(0));
     orth_scratch.reserve_gemm(r, r, in);    // A Aᵀ
     orth_scratch.reserve_gemm(r, in, r);    // cov A
     orth_scratch.reserve_gemm(r, r, out);   // Bᵀ B
@@ -415,8 +418,6 @@ void for_each_adapter(Model& model, const std::string& name, F&& f) {
   peft::for_each_layer(model, [&](auto& layer, const std::string& path) {
     using L = std::remove_cvref_t<decltype(layer)>;
     if constexpr (AdaLoraLayer<L>) {
-      static_assert(L::backend_type::host_accessible,
-                    "AdaLoRA's rank allocator and orthogonal regulariser run on the host: not available for a device backend yet");
       if (!layer.has_adapter(name)) return;
       auto* a = [&]() -> decltype(&layer.template adapter<AdaLora>(name)) {
         try {
@@ -429,6 +430,25 @@ void for_each_adapter(Model& model, const std::string& name, F&& f) {
     }
   });
 }
+
+/// Host access to n elements of Backend memory p: p itself on a host backend, otherwise a copy downloaded
+/// into `scratch` (the rank allocator's statistics live on the host).
+template <class Backend, class T>
+const T* host_read(const T* p, std::size_t n, std::vector<T>& scratch) {
+  if constexpr (Backend::host_accessible) {
+    return p;
+  } else {
+    scratch.resize(n);
+    if (n) Backend::template download<T>(ConstMatrixView<T>(p, 1, Index(n)), MatrixView<T>(scratch.data(), 1, Index(n)));
+    return scratch.data();
+  }
+}
+/// p[i] = v in Backend memory.
+template <class Backend, class T>
+void set_element(T* p, std::size_t i, T v) {
+  if constexpr (Backend::host_accessible) p[i] = v;
+  else Backend::template fill<T>(MatrixView<T>(p + i, 1, 1), v);
+}
 }  // namespace detail
 
 /// ‖M‖_F-style regulariser of one adapter: returns ‖A Aᵀ − I‖_F + ‖Bᵀ B − I‖_F and, when the adapter is
@@ -437,13 +457,19 @@ void for_each_adapter(Model& model, const std::string& name, F&& f) {
 /// (zero where a norm is zero, as PyTorch's). Allocates nothing.
 template <class T, class Backend>
 double orth_reg_adapter(AdaLoraAdapter<T, Backend>& a, double coeff) {
-  static_assert(Backend::host_accessible, "AdaLoRA's orthogonal regulariser runs on the host: not available for a device backend yet");
   if (a.r == 0) return 0.0;
   auto cov = a.cov.view(a.r, a.r);
-  auto minus_identity_norm = [&]() {
-    for (int i = 0; i < a.r; ++i) cov(i, i) -= T(1);
+  auto minus_identity_norm = [&]() {  // on the host (a round trip of the r x r matrix on a device backend)
+    const Index r = a.r;
+    T* c = a.cov.data();
+    if constexpr (!Backend::host_accessible) {
+      c = a.cov_host.data();
+      Backend::template download<T>(ConstMatrixView<T>(cov), MatrixView<T>(c, r, r));
+    }
+    for (Index i = 0; i < r; ++i) c[i * r + i] -= T(1);
     double s = 0;
-    for (std::size_t k = 0; k < a.cov.size(); ++k) s += double(a.cov[k]) * double(a.cov[k]);
+    for (Index k = 0; k < r * r; ++k) s += double(c[k]) * double(c[k]);
+    if constexpr (!Backend::host_accessible) Backend::template upload<T>(ConstMatrixView<T>(c, r, r), cov);
     return std::sqrt(s);
   };
   Backend::template gemm<Trans::no, Trans::yes>(a.orth_scratch, T(1), a.A(), a.A(), T(0), cov);  // A Aᵀ
@@ -486,8 +512,9 @@ struct AllocationStep {
 };
 
 /// PEFT's RankAllocator and AdaLoraModel.update_and_allocate for the AdaLoRA adapter `name` of a model
-/// (any aggregate `for_each_layer` walks; the allocator keys layers by their path). CPU memory: it reads and
-/// masks the adapters' host buffers.
+/// (any aggregate `for_each_layer` walks; the allocator keys layers by their path). Its statistics live on
+/// the host: on a device backend update_ipt downloads each adapter's A, E, B and their gradients (into
+/// buffers the allocator keeps), and masking writes the zeroed E entries with the backend's fill.
 template <class T>
 class RankAllocator {
  public:
@@ -535,10 +562,12 @@ class RankAllocator {
       if (!a.requires_grad)
         throw StateError(peft::detail::cat("RankAllocator: the AdaLoRA adapter '", name_, "' of layer '", path,
                                            "' is frozen; the allocator needs the gradients of a trainable adapter"));
+      using B = typename std::remove_cvref_t<decltype(a)>::backend_type;
       auto& st = stats_[path];
-      update(st.a, a.a.data(), a.grad_a.data(), a.a.size());
-      update(st.e, a.e.data(), a.grad_e.data(), a.e.size());
-      update(st.b, a.b.data(), a.grad_b.data(), a.b.size());
+      using detail::host_read;
+      update(st.a, host_read<B>(a.a.data(), a.a.size(), host_p_), host_read<B>(a.grad_a.data(), a.a.size(), host_g_), a.a.size());
+      update(st.e, host_read<B>(a.e.data(), a.e.size(), host_p_), host_read<B>(a.grad_e.data(), a.e.size(), host_g_), a.e.size());
+      update(st.b, host_read<B>(a.b.data(), a.b.size(), host_p_), host_read<B>(a.grad_b.data(), a.b.size(), host_g_), a.b.size());
     });
   }
 
@@ -585,7 +614,7 @@ class RankAllocator {
       for (int i = 0; i < a.r; ++i)
         if (any && s[std::size_t(i)] <= threshold) {
           keep[std::size_t(i)] = false;
-          a.e[std::size_t(i)] = T(0);
+          detail::set_element<typename std::remove_cvref_t<decltype(a)>::backend_type>(a.e.data(), std::size_t(i), T(0));
         }
       pattern.emplace_back(path, std::move(keep));
     });
@@ -603,7 +632,7 @@ class RankAllocator {
           throw ShapeError(peft::detail::cat("RankAllocator: rank_pattern['", key, "'] has ", keep.size(), " entries, layer '", path,
                                              "' has rank ", a.r));
         for (int i = 0; i < a.r; ++i)
-          if (!keep[std::size_t(i)]) a.e[std::size_t(i)] = T(0);
+          if (!keep[std::size_t(i)]) detail::set_element<typename std::remove_cvref_t<decltype(a)>::backend_type>(a.e.data(), std::size_t(i), T(0));
         return;
       }
       throw StateError(peft::detail::cat("RankAllocator: the rank pattern has no entry for layer '", path, "'"));
@@ -695,6 +724,7 @@ class RankAllocator {
   bool final_ = false;
   std::vector<std::pair<std::string, std::vector<T>>> scores_;
   std::optional<double> threshold_;
+  std::vector<T> host_p_, host_g_;  // device backends: the downloaded parameter and gradient of update_ipt
 };
 
 /// Truncates the AdaLoRA adapter `name` of every layer that `pattern` names to its kept triplets (PEFT's
@@ -743,14 +773,19 @@ std::vector<NamedTensor<T>> state_dict(Model& model, const RankPattern& pattern 
     const Index rk = Index(std::count(keep.begin(), keep.end(), true));
     const std::string p = "base_model.model." + (path.empty() ? std::string() : path + ".");
     NamedTensor<T> ta{p + "lora_A", {rk, a.in}, {}}, tb{p + "lora_B", {a.out, rk}, {}}, te{p + "lora_E", {rk, 1}, {}};
+    using B = typename std::remove_cvref_t<decltype(a)>::backend_type;
+    std::vector<T> ha, hb, he;  // host copies on a device backend
+    const T* pa = detail::host_read<B>(a.a.data(), a.a.size(), ha);
+    const T* pb = detail::host_read<B>(a.b.data(), a.b.size(), hb);
+    const T* pe = detail::host_read<B>(a.e.data(), a.e.size(), he);
     for (int i = 0; i < a.r; ++i) {
       if (!keep[std::size_t(i)]) continue;
-      ta.data.insert(ta.data.end(), a.a.data() + i * a.in, a.a.data() + (i + 1) * a.in);
-      te.data.push_back(a.e[std::size_t(i)]);
+      ta.data.insert(ta.data.end(), pa + i * a.in, pa + (i + 1) * a.in);
+      te.data.push_back(pe[i]);
     }
     for (Index o = 0; o < a.out; ++o)
       for (int i = 0; i < a.r; ++i)
-        if (keep[std::size_t(i)]) tb.data.push_back(a.b[std::size_t(o * a.r + i)]);
+        if (keep[std::size_t(i)]) tb.data.push_back(pb[o * a.r + i]);
     out.push_back(std::move(ta));
     out.push_back(std::move(tb));
     out.push_back(std::move(te));
