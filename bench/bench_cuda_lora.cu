@@ -13,10 +13,11 @@
 //   fb_over_base     lora_fb_ms / base_fb_ms
 //   base_TFLOPs      2·M·D·D / base_ms
 // Shapes: the CPU benchmark's (M = 32/512/2048, D = 256/1024/4096, r = 8/16) and M = 4096, D = 4096/8192,
-// r = 16/64. Each time is the mean over `iters` launches after a warm-up, measured with CUDA events on the
-// current stream.
+// r = 16/64. Each time is the median of 7 means over `iters` launches after a warm-up, measured with CUDA
+// events on the current stream. --tf32: float GEMMs on TF32 tensor cores, in peft++ (cuda::set_allow_tf32)
+// and in the cuBLAS baseline (CUBLAS_TF32_TENSOR_OP_MATH) alike.
 //
-//   bench_cuda_lora [--large-only] [--iters=N] [--dtype=float|bf16|half]
+//   bench_cuda_lora [--large-only] [--iters=N] [--dtype=float|bf16|half] [--tf32]
 #define EIGEN_NO_CUDA  // Eigen (the CPU backend, included by the layer headers) as plain host code
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -52,22 +53,28 @@ void check(cublasStatus_t s, const char* what) {
   }
 }
 
-/// Mean milliseconds of f() over `iters` calls, after `warm` calls.
+/// Milliseconds per call of f(): the median over 7 repetitions of the mean over `iters` calls, after `warm`
+/// calls.
 template <class F>
 double time_ms(F&& f, int iters, int warm = 3) {
   for (int i = 0; i < warm; ++i) f();
   cudaEvent_t a, b;
   check(cudaEventCreate(&a), "cudaEventCreate");
   check(cudaEventCreate(&b), "cudaEventCreate");
-  check(cudaEventRecord(a, peft::cuda::current_stream()), "cudaEventRecord");
-  for (int i = 0; i < iters; ++i) f();
-  check(cudaEventRecord(b, peft::cuda::current_stream()), "cudaEventRecord");
-  check(cudaEventSynchronize(b), "cudaEventSynchronize");
-  float ms = 0;
-  check(cudaEventElapsedTime(&ms, a, b), "cudaEventElapsedTime");
+  std::vector<double> reps;
+  for (int rep = 0; rep < 7; ++rep) {
+    check(cudaEventRecord(a, peft::cuda::current_stream()), "cudaEventRecord");
+    for (int i = 0; i < iters; ++i) f();
+    check(cudaEventRecord(b, peft::cuda::current_stream()), "cudaEventRecord");
+    check(cudaEventSynchronize(b), "cudaEventSynchronize");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, a, b), "cudaEventElapsedTime");
+    reps.push_back(double(ms) / iters);
+  }
   cudaEventDestroy(a);
   cudaEventDestroy(b);
-  return double(ms) / iters;
+  std::nth_element(reps.begin(), reps.begin() + 3, reps.end());
+  return reps[3];
 }
 
 struct Shape {
@@ -90,6 +97,7 @@ void run_shape(const Shape& s, int iters) {
   cublasHandle_t h;
   check(cublasCreate(&h), "cublasCreate");
   check(cublasSetStream(h, peft::cuda::current_stream()), "cublasSetStream");
+  if (peft::cuda::allow_tf32()) check(cublasSetMathMode(h, CUBLAS_TF32_TENSOR_OP_MATH), "cublasSetMathMode");
   const float one = 1, zero = 0;
   auto cublas_fwd = [&] {
     if constexpr (std::is_same_v<T, float>) {
@@ -150,8 +158,9 @@ int main(int argc, char** argv) {
     else if (std::strncmp(argv[i], "--dtype=", 8) == 0 && (std::string(argv[i] + 8) == "float" || std::string(argv[i] + 8) == "bf16" ||
                                                            std::string(argv[i] + 8) == "half"))
       dtype = argv[i] + 8;
+    else if (std::strcmp(argv[i], "--tf32") == 0) peft::cuda::set_allow_tf32(true);
     else {
-      std::fprintf(stderr, "usage: %s [--large-only] [--iters=N] [--dtype=float|bf16|half]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--large-only] [--iters=N] [--dtype=float|bf16|half] [--tf32]\n", argv[0]);
       return 2;
     }
   }
@@ -159,7 +168,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_cuda_lora: no CUDA device; nothing measured\n");
     return 1;
   }
-  std::printf("device: %s, storage: %s, iterations per timing: %d\n\n", peft::cuda::device_name().c_str(), dtype.c_str(), iters);
+  std::printf("device: %s, storage: %s%s, iterations per timing: %d (median of 7)\n\n", peft::cuda::device_name().c_str(), dtype.c_str(),
+              peft::cuda::allow_tf32() && dtype == "float" ? " (TF32 GEMMs)" : "", iters);
   std::printf("|     M |     D |   r | cublas_ms |   base_ms | base_eff |   lora_ms | lora_over_base | base_fb_ms | lora_fb_ms | fb_over_base | base_TFLOPs |\n");
   std::printf("|------:|------:|----:|----------:|----------:|---------:|----------:|---------------:|-----------:|-----------:|-------------:|------------:|\n");
   std::vector<Shape> shapes;

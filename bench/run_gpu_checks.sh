@@ -38,6 +38,7 @@ fi
 # the benchmark (a markdown table; targets: base_eff >= 0.95, lora_over_base <= 1.05 at M=4096 D=4096 r=16)
 step "$BUILD/bench_cuda_lora" ${BENCH_ARGS:-}
 step "$BUILD/bench_cuda_lora" --large-only --dtype=bf16
+step "$BUILD/bench_cuda_lora" --large-only --tf32
 
 echo
 echo "==> done, status $status (log: $LOG)"

@@ -34,6 +34,7 @@ void check(cublasStatus_t s, const char* call, const char* file, int line) {
 
 std::atomic<std::uint64_t> g_allocations{0};
 thread_local Stream g_stream = nullptr;
+thread_local bool g_tf32 = false;
 
 /// A kernel launch: reports a bad configuration or an earlier asynchronous error now, naming the kernel.
 void check_launch(const char* what) {
@@ -79,6 +80,8 @@ std::uint64_t allocation_count() noexcept { return detail::g_allocations.load(st
 Stream current_stream() noexcept { return detail::g_stream; }
 void set_current_stream(Stream s) noexcept { detail::g_stream = s; }
 void synchronize() { PEFT_CUDA_CHECK(cudaStreamSynchronize(detail::g_stream)); }
+bool allow_tf32() noexcept { return detail::g_tf32; }
+void set_allow_tf32(bool allow) noexcept { detail::g_tf32 = allow; }
 
 namespace detail {
 
@@ -121,6 +124,7 @@ struct BlasHandle {
   int device = -1;
   const void* owner = nullptr;  ///< the owning thread's handle table
   Stream bound = nullptr;       ///< the stream the handle is set to
+  bool tf32 = false;            ///< the math mode the handle is set to (CUBLAS_TF32_TENSOR_OP_MATH or default)
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;
 };
@@ -183,6 +187,10 @@ cublasHandle_t gemm_handle(BlasHandle* h) {
   PEFT_CUDA_CHECK(cudaGetDevice(&d));
   if (!h || h->owner != &g_handles || h->device != d) h = blas_handle();
   if (h->bound != g_stream) bind_stream(*h, g_stream);
+  if (h->tf32 != g_tf32) {
+    PEFT_CUDA_CHECK(cublasSetMathMode(h->handle, g_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    h->tf32 = g_tf32;
+  }
   return h->handle;
 }
 

@@ -17,6 +17,7 @@
 #include <optional>
 #include <peft/backend/cuda.hpp>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gpu_skip.hpp"
@@ -95,6 +96,35 @@ TEST_CASE("cuda: device count, errors and shape checks (runs without a GPU too)"
   CHECK_THROWS_WITH(DeviceBuffer<float>(elems), Catch::Contains("cudaMalloc"));
   CHECK_THROWS_AS(DeviceBuffer<float>(elems), CudaError);
   if (n == 0) CHECK_THROWS_AS(cuda::mem_info(), CudaError);
+  // TF32 is off by default (PyTorch's matmul default), per thread
+  CHECK_FALSE(cuda::allow_tf32());
+  cuda::set_allow_tf32(true);
+  CHECK(cuda::allow_tf32());
+  std::thread([] { CHECK_FALSE(cuda::allow_tf32()); }).join();
+  cuda::set_allow_tf32(false);
+}
+
+TEST_CASE("cuda: TF32 GEMMs (allow_tf32) stay within TF32's rounding of the FP32 result", "[cuda]") {
+  PEFT_REQUIRE_GPU();
+  const Index m = 256, k = 512, n = 128;
+  const Mat<float> a = test::random_mat<float>(m, k, 1), b = test::random_mat<float>(k, n, 2);
+  DeviceBuffer<float> da(std::size_t(m * k)), db(std::size_t(k * n)), dc(std::size_t(m * n));
+  Gpu::upload<float>(a, da.view(m, k));
+  Gpu::upload<float>(b, db.view(k, n));
+  Gpu::GemmScratch<float> s;
+  s.reserve_gemm(m, n, k);
+  Mat<float> c32(m, n), c_tf32(m, n);
+  Gpu::gemm<Trans::no, Trans::no, float>(s, 1.0f, da.view(m, k), db.view(k, n), 0.0f, dc.view(m, n));
+  Gpu::download<float>(dc.view(m, n), c32);
+  cuda::set_allow_tf32(true);
+  Gpu::gemm<Trans::no, Trans::no, float>(s, 1.0f, da.view(m, k), db.view(k, n), 0.0f, dc.view(m, n));
+  Gpu::download<float>(dc.view(m, n), c_tf32);
+  cuda::set_allow_tf32(false);
+  const Mat<double> exact = a.cast<double>() * b.cast<double>();
+  const double scale = exact.cwiseAbs().maxCoeff();
+  CHECK((c32.cast<double>() - exact).cwiseAbs().maxCoeff() / scale < 1e-5);
+  // TF32 keeps 10 mantissa bits of each input (u = 2^-11): per-product errors about 2u, mostly cancelling
+  CHECK((c_tf32.cast<double>() - exact).cwiseAbs().maxCoeff() / scale < 2e-2);
 }
 
 TEST_CASE("cuda: dropout masks equal the CPU's bit for bit", "[cuda]") {

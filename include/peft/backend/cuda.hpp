@@ -67,6 +67,11 @@ Stream current_stream() noexcept;
 void set_current_stream(Stream s) noexcept;
 /// Waits until the current stream has finished its work; throws CudaError for an earlier asynchronous failure.
 void synchronize();
+/// Whether the calling thread's float GEMMs may use TF32 tensor cores (cuBLAS's CUBLAS_TF32_TENSOR_OP_MATH:
+/// inputs rounded to 10-bit mantissas, fp32 accumulation). Default false, as PyTorch's
+/// torch.backends.cuda.matmul.allow_tf32; double and 16-bit GEMMs are unaffected.
+bool allow_tf32() noexcept;
+void set_allow_tf32(bool allow) noexcept;
 
 namespace detail {
 void* alloc(std::size_t bytes);
