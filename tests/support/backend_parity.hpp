@@ -527,8 +527,8 @@ void prompt_cases(double tol) {
 
 /// A two-layer GPT-2-style decoder (LayerNorm, attention with a padding mask, GELU MLP, LM head), every
 /// parameter trainable, on both backends: logits and every gradient over two steps.
-template <class Dev, class G>
-void decoder_cases(double tol) {
+/// The small decoder both the decoder and training cases run.
+inline nn::DecoderConfig small_decoder_config() {
   nn::DecoderConfig cfg;
   cfg.vocab_size = 13;
   cfg.max_position_embeddings = 10;
@@ -536,21 +536,27 @@ void decoder_cases(double tol) {
   cfg.num_layers = 2;
   cfg.num_heads = 2;
   cfg.d_ff = 24;
+  return cfg;
+}
+/// A decoder of scalar T on backend B with every parameter trainable.
+template <class T, class B>
+auto trainable_decoder(const nn::DecoderConfig& cfg, Generator& g) {
+  auto m = nn::make_decoder<T, Linear<T, B>, Linear<T, B>>(cfg, g);
+  for_each_layer(m, [](auto& l, const std::string&) { l.set_requires_grad(true); });
+  return m;
+}
+
+template <class Dev, class G>
+void decoder_cases(double tol) {
+  nn::DecoderConfig cfg = small_decoder_config();
   const Index batch = 2, seq = 4;
   const std::vector<std::int64_t> ids{3, 1, 4, 1, 5, 9, 2, 6}, mask{1, 1, 1, 1, 0, 1, 1, 1};  // row 1: a padded first token
   for (auto act : {nn::GeluApproximate::tanh, nn::GeluApproximate::none}) {
     cfg.activation = act;
     INFO("case: decoder, GELU " << (act == nn::GeluApproximate::tanh ? "tanh" : "exact") << " (" << Dev::name << ")");
-    auto make = [&](auto tag, Generator& g) {
-      using T = typename decltype(tag)::scalar;
-      using B = typename decltype(tag)::backend;
-      auto m = nn::make_decoder<T, Linear<T, B>, Linear<T, B>>(cfg, g);
-      for_each_layer(m, [](auto& l, const std::string&) { l.set_requires_grad(true); });
-      return m;
-    };
     Generator gc(31), gd(31);
-    auto cpu = make(Tag<double, EigenCpu>{}, gc);
-    auto dev = make(Tag<G, Dev>{}, gd);
+    auto cpu = trainable_decoder<double, EigenCpu>(cfg, gc);
+    auto dev = trainable_decoder<G, Dev>(cfg, gd);
     auto pc = parameters<double>(cpu);
     auto pd = parameters<G>(dev);
     compare_params<Dev>(pc, pd, tol, "initial", false);
@@ -585,30 +591,17 @@ void decoder_cases(double tol) {
 /// near zero whose sign differs between float and double moves a weight by 2·lr: compare them in double).
 template <class Dev, class G>
 void training_cases(double tol, bool adam) {
-  nn::DecoderConfig cfg;
-  cfg.vocab_size = 13;
-  cfg.max_position_embeddings = 10;
-  cfg.d_model = 16;
-  cfg.num_layers = 2;
-  cfg.num_heads = 2;
-  cfg.d_ff = 24;
+  const nn::DecoderConfig cfg = small_decoder_config();
   const Index batch = 2, seq = 4, rows = batch * seq, V = cfg.vocab_size;
   const std::vector<std::int64_t> ids{3, 1, 4, 1, 5, 9, 2, 6}, mask{1, 1, 1, 1, 0, 1, 1, 1};
   const std::vector<std::int64_t> labels{3, 1, -100, 1, 5, 9, 2, 6};  // one ignored label
-  auto make = [&](auto tag, Generator& g) {
-    using T = typename decltype(tag)::scalar;
-    using B = typename decltype(tag)::backend;
-    auto m = nn::make_decoder<T, Linear<T, B>, Linear<T, B>>(cfg, g);
-    for_each_layer(m, [](auto& l, const std::string&) { l.set_requires_grad(true); });
-    return m;
-  };
   auto close = [&](double d, double c) { return std::abs(d - c) <= tol * std::max(1.0, std::abs(c)); };
   for (int which = adam ? 0 : 2; which < 3; ++which) {
     INFO("case: training loop with " << (which == 0 ? "AdamW (amsgrad)" : which == 1 ? "Adam (L2 penalty)" : "SGD (nesterov)") << " ("
                                      << Dev::name << ")");
     Generator gc(37), gd(37);
-    auto cpu = make(Tag<double, EigenCpu>{}, gc);
-    auto dev = make(Tag<G, Dev>{}, gd);
+    auto cpu = trainable_decoder<double, EigenCpu>(cfg, gc);
+    auto dev = trainable_decoder<G, Dev>(cfg, gd);
     auto pc = parameters<double>(cpu);
     auto pd = parameters<G>(dev);
     compare_params<Dev>(pc, pd, tol, "initial", false);
