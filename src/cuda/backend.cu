@@ -114,7 +114,10 @@ void copy_2d(void* dst, std::size_t dpitch, const void* src, std::size_t spitch,
   const cudaMemcpyKind k = kind == CopyKind::host_to_device   ? cudaMemcpyHostToDevice
                            : kind == CopyKind::device_to_host ? cudaMemcpyDeviceToHost
                                                               : cudaMemcpyDeviceToDevice;
-  PEFT_CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, k, g_stream));
+  if (height == 1 || (dpitch == width && spitch == width))  // contiguous: one plain copy (no pitch limits)
+    PEFT_CUDA_CHECK(cudaMemcpyAsync(dst, src, width * height, k, g_stream));
+  else
+    PEFT_CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, k, g_stream));
   if (kind != CopyKind::device_to_device) PEFT_CUDA_CHECK(cudaStreamSynchronize(g_stream));  // the host memory is usable on return
 }
 
@@ -232,6 +235,11 @@ __global__ void k_each(Index rows, Index cols, F f) {
 template <class F>
 void each(Index rows, Index cols, const F& f, const char* what) {
   if (rows <= 0 || cols <= 0) return;
+  if (rows == 1) {  // one row (flat buffers: zero_grad, the optimizers' views): every thread of a block on it
+    k_each<<<unsigned(std::min<Index>((cols + 255) / 256, 8192)), dim3(256, 1), 0, g_stream>>>(rows, cols, f);
+    check_launch(what);
+    return;
+  }
   const dim3 block(32, 8);
   const dim3 grid(unsigned(std::min<Index>((cols + 31) / 32, 4096)), unsigned(std::min<Index>((rows + 7) / 8, 65535)));
   k_each<<<grid, block, 0, g_stream>>>(rows, cols, f);
@@ -675,7 +683,8 @@ void each1(std::size_t n, const F& f, const char* what) {
   check_launch(what);
 }
 
-/// Adam/AdamW on one element: the CPU loop's operations in the accumulator type, each operand stored once.
+/// Adam/AdamW on one element: the CPU loop's operations in the accumulator type, each operand stored once
+/// (nvcc contracts multiply-adds into FMAs: float and double results agree with the CPU's to rounding).
 template <class T> struct AdamOp {
   using A = A_<T>;
   T *value; const T* grad; T *m, *v, *vmax;
@@ -760,22 +769,36 @@ __global__ void k_norm_partials(const T* g, std::size_t n, int kind, double p, d
   if (threadIdx.x == 0) out[blockIdx.x] = sh[0];
 }
 
-/// The grow-only scratch of grad_norm's partials, one per thread (device memory and its host copy).
+/// The grow-only scratch of grad_norm's partials, per thread and device (device memory and its host copy).
 struct NormScratch {
-  double* dev = nullptr;
-  std::size_t capacity = 0;
+  struct Slot {
+    double* dev = nullptr;
+    std::size_t capacity = 0;
+  };
+  std::vector<Slot> by_device;
   std::vector<double> host;
-  ~NormScratch() { peft::cuda::detail::free(dev); }
+  ~NormScratch() {
+    for (std::size_t d = 0; d < by_device.size(); ++d)
+      if (by_device[d].dev) {
+        (void)cudaSetDevice(int(d));
+        peft::cuda::detail::free(by_device[d].dev);
+      }
+  }
+  /// Room for n partials on the current device.
   double* reserve(std::size_t n) {
-    if (n > capacity) {
-      peft::cuda::detail::free(dev);
-      dev = nullptr;
-      capacity = 0;
-      dev = static_cast<double*>(peft::cuda::detail::alloc(n * sizeof(double)));
-      capacity = n;
+    int d = 0;
+    PEFT_CUDA_CHECK(cudaGetDevice(&d));
+    if (by_device.size() <= std::size_t(d)) by_device.resize(std::size_t(d) + 1);
+    Slot& s = by_device[std::size_t(d)];
+    if (n > s.capacity) {
+      peft::cuda::detail::free(s.dev);
+      s.dev = nullptr;
+      s.capacity = 0;
+      s.dev = static_cast<double*>(peft::cuda::detail::alloc(n * sizeof(double)));
+      s.capacity = n;
     }
     if (host.size() < n) host.resize(n);
-    return dev;
+    return s.dev;
   }
 };
 thread_local NormScratch g_norm_scratch;
@@ -794,6 +817,7 @@ __global__ void k_cross_entropy(Mat<const T> x, Index V, const std::int64_t* tar
       for (Index j = threadIdx.x; j < V; j += kRowThreads) dx.set(i, j, A_<T>(0));
     return;
   }
+  const double xt = double(x(i, Index(t)));  // read by every thread before any writes dx (it may alias x)
   double mx = -INFINITY;
   for (Index j = threadIdx.x; j < V; j += kRowThreads) mx = fmax(mx, double(x(i, j)));
   sh[threadIdx.x] = mx;
@@ -807,7 +831,7 @@ __global__ void k_cross_entropy(Mat<const T> x, Index V, const std::int64_t* tar
   double sum = 0.0;
   for (Index j = threadIdx.x; j < V; j += kRowThreads) sum += exp(double(x(i, j)) - mx);
   sum = block_sum(sum, sh);
-  if (threadIdx.x == 0) row_loss[i] = log(sum) + mx - double(x(i, Index(t)));
+  if (threadIdx.x == 0) row_loss[i] = log(sum) + mx - xt;
   if (with_dx)
     for (Index j = threadIdx.x; j < V; j += kRowThreads)
       dx.set(i, j, A_<T>((exp(double(x(i, j)) - mx) / sum - (j == Index(t) ? 1.0 : 0.0)) * inv));

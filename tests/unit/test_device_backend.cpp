@@ -169,6 +169,26 @@ TEST_CASE("optimizers and clipping refuse parameters of another backend's memory
   CHECK_THROWS_WITH(loss(logits.view(2, 3), bad), Catch::Contains("target 7 of row 1 is outside [0, 3)"));
 }
 
+TEST_CASE("CrossEntropyLoss: the loss and dlogits of the free functions; dlogits may be the logits' memory", "[device][train]") {
+  const Index n = 5, V = 7;
+  const test::Mat<double> logits = test::random_mat<double>(n, V, 9) * 3.0;
+  const std::vector<std::int64_t> targets{1, -100, 6, 0, 3};
+  test::Mat<double> want_d(n, V);
+  const double want = nn::cross_entropy<double>(logits, targets, want_d);
+  nn::CrossEntropyLoss<double> cpu(n);
+  test::Mat<double> in_place = logits;
+  CHECK(cpu(in_place, targets, in_place) == want);  // dlogits written over the logits
+  CHECK(test::max_abs_diff(in_place, want_d) == 0.0);
+  nn::CrossEntropyLoss<double, OffHost> dev(n);
+  test::OffHostBuffer<double> d(std::size_t(n * V));
+  OffHost::upload<double>(logits, d.view(n, V));
+  CHECK(dev(d.view(n, V), targets, d.view(n, V)) == want);
+  test::Mat<double> back(n, V);
+  OffHost::download<double>(d.view(n, V), back);
+  CHECK(test::max_abs_diff(back, want_d) == 0.0);
+  CHECK_THROWS_WITH(nn::CrossEntropyLoss<double>(-1), Catch::Contains("max_rows = -1 is negative"));
+}
+
 TEST_CASE("off-host backend: prompt checkpoints save from and load into device memory", "[device][prompt][io]") {
   MultitaskPromptTuningConfig mt;
   mt.num_virtual_tokens = 4;

@@ -809,12 +809,10 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
           detail::check_tensor(file, key, view, shape);  // shape and dtype, before anything is written
           if constexpr (B::host_accessible) {
             pending.push_back({key, [&file, key, view] { file.read_as<T>(key, std::span<T>(view.data, std::size_t(view.size()))); }});
-          } else {  // device memory: read (and convert) on the host, then upload
-            pending.push_back({key, [&file, key, view] {
-                                 std::vector<T> h(std::size_t(view.size()));
-                                 file.read_as<T>(key, std::span<T>(h));
-                                 B::template upload<T>(ConstMatrixView<T>(h.data(), view.rows, view.cols), view);
-                               }});
+          } else {  // device memory: read (and convert) on the host now, inside the undo scope; upload at the end
+            auto h = std::make_shared<std::vector<T>>(std::size_t(view.size()));
+            file.read_as<T>(key, std::span<T>(*h));
+            pending.push_back({key, [h, view] { B::template upload<T>(ConstMatrixView<T>(h->data(), view.rows, view.cols), view); }});
           }
         };
         const bool target = selected(path);
@@ -914,7 +912,12 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
     for (auto it = undo.rbegin(); it != undo.rend(); ++it) (*it)();
     throw;
   }
-  for (auto& p : pending) p.copy();
+  try {  // (host copies from the mapped file cannot fail after the checks; a device upload can)
+    for (auto& p : pending) p.copy();
+  } catch (...) {
+    for (auto it = undo.rbegin(); it != undo.rend(); ++it) (*it)();  // the new adapters go again (base biases may be written)
+    throw;
+  }
   if (auto* v = res.config.template get_if<VeraConfig>()) v->projections = projections;  // the ones the layers share
   if (options.activate) set_adapter(model, adapter_name);
   return res;

@@ -95,13 +95,12 @@ double causal_lm_loss(ConstMatrixView<T> logits, std::span<const std::int64_t> l
 /// come back to the host (one small download: the call waits for the stream) and are added there in row
 /// order, so the result equals the host functions' on the CPU backend bit for bit.
 /// Construction reserves room for `max_rows` rows (targets staged to the device, per-row losses): a call
-/// with more rows throws ShapeError; calls allocate nothing.
+/// with more rows throws ShapeError; calls allocate nothing. dlogits may be the logits' own memory.
 template <class T, class Backend = EigenCpu>
 class CrossEntropyLoss {
  public:
   explicit CrossEntropyLoss(Index max_rows, std::int64_t ignore_index = -100)
-      : ignore_(ignore_index), max_rows_(max_rows), targets_(std::size_t(max_rows)), host_loss_(std::size_t(max_rows)) {
-    if (max_rows < 0) throw ShapeError(detail::cat("CrossEntropyLoss: max_rows = ", max_rows, " is negative"));
+      : ignore_(ignore_index), max_rows_(checked(max_rows)), targets_(std::size_t(max_rows_)), host_loss_(std::size_t(max_rows_)) {
     staged_.reserve(max_rows);
     row_loss_.resize(std::size_t(max_rows));
   }
@@ -124,6 +123,10 @@ class CrossEntropyLoss {
   [[nodiscard]] Index max_rows() const noexcept { return max_rows_; }
 
  private:
+  static Index checked(Index max_rows) {
+    if (max_rows < 0) throw ShapeError(detail::cat("CrossEntropyLoss: max_rows = ", max_rows, " is negative"));
+    return max_rows;
+  }
   double run(ConstMatrixView<T> logits, MatrixView<T> dlogits, auto&& target_of) {
     const Index n = logits.rows;
     if (n > max_rows_) throw ShapeError(detail::cat("CrossEntropyLoss: ", n, " rows of logits exceed the ", max_rows_, " reserved"));

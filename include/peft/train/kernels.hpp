@@ -137,9 +137,10 @@ struct TrainKernels<EigenCpu> {
     for (Index j = 0; j < V; ++j) mx = std::max(mx, double(r[j]));
     double sum = 0;
     for (Index j = 0; j < V; ++j) sum += std::exp(double(r[j]) - mx);
+    const double loss = std::log(sum) + mx - double(r[t]);  // before drow is written: it may be r itself
     if (drow)
       for (Index j = 0; j < V; ++j) drow[j] = T((std::exp(double(r[j]) - mx) / sum - (j == t ? 1.0 : 0.0)) * inv_count);
-    return std::log(sum) + mx - double(r[t]);
+    return loss;
   }
 
   /// Per row i of logits [n, V]: row_loss[i] = logsumexp(logits[i]) − logits[i, t] (0 where t ==
