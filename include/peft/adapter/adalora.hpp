@@ -443,6 +443,25 @@ const T* host_read(const T* p, std::size_t n, std::vector<T>& scratch) {
     return scratch.data();
   }
 }
+/// The kept triplets of adapter `a` (keep[i] for each of its r) as host values: A's kept rows [k, in], B's
+/// kept columns [out, k] and E's kept entries [k] (PEFT's resize_state_dict_by_rank_pattern); a device
+/// adapter's tensors are downloaded first.
+template <class T, class A>
+void kept_triplets(const A& a, const std::vector<bool>& keep, std::vector<T>& va, std::vector<T>& vb, std::vector<T>& ve) {
+  using B = typename A::backend_type;
+  std::vector<T> ha, hb, he;  // host copies on a device backend
+  const T* pa = host_read<B>(a.a.data(), a.a.size(), ha);
+  const T* pb = host_read<B>(a.b.data(), a.b.size(), hb);
+  const T* pe = host_read<B>(a.e.data(), a.e.size(), he);
+  for (int i = 0; i < a.r; ++i) {
+    if (!keep[std::size_t(i)]) continue;
+    va.insert(va.end(), pa + i * a.in, pa + (i + 1) * a.in);
+    ve.push_back(pe[i]);
+  }
+  for (Index o = 0; o < a.out; ++o)
+    for (int i = 0; i < a.r; ++i)
+      if (keep[std::size_t(i)]) vb.push_back(pb[o * a.r + i]);
+}
 /// p[i] = v in Backend memory.
 template <class Backend, class T>
 void set_element(T* p, std::size_t i, T v) {
@@ -773,19 +792,7 @@ std::vector<NamedTensor<T>> state_dict(Model& model, const RankPattern& pattern 
     const Index rk = Index(std::count(keep.begin(), keep.end(), true));
     const std::string p = "base_model.model." + (path.empty() ? std::string() : path + ".");
     NamedTensor<T> ta{p + "lora_A", {rk, a.in}, {}}, tb{p + "lora_B", {a.out, rk}, {}}, te{p + "lora_E", {rk, 1}, {}};
-    using B = typename std::remove_cvref_t<decltype(a)>::backend_type;
-    std::vector<T> ha, hb, he;  // host copies on a device backend
-    const T* pa = detail::host_read<B>(a.a.data(), a.a.size(), ha);
-    const T* pb = detail::host_read<B>(a.b.data(), a.b.size(), hb);
-    const T* pe = detail::host_read<B>(a.e.data(), a.e.size(), he);
-    for (int i = 0; i < a.r; ++i) {
-      if (!keep[std::size_t(i)]) continue;
-      ta.data.insert(ta.data.end(), pa + i * a.in, pa + (i + 1) * a.in);
-      te.data.push_back(pe[i]);
-    }
-    for (Index o = 0; o < a.out; ++o)
-      for (int i = 0; i < a.r; ++i)
-        if (keep[std::size_t(i)]) tb.data.push_back(pb[o * a.r + i]);
+    detail::kept_triplets<T>(a, keep, ta.data, tb.data, te.data);
     out.push_back(std::move(ta));
     out.push_back(std::move(tb));
     out.push_back(std::move(te));

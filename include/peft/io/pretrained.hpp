@@ -233,27 +233,14 @@ struct KindCheckpoint<AdaLora> {
   }
   /// The tensors truncated to the triplets `keep` marks (PEFT's resize_state_dict_by_rank_pattern), copied
   /// into `store` (which must outlive the views).
-  template <class T, class Backend, class A>
+  template <class T, class A>
   static std::vector<AdapterTensor<T>> truncated(const A& a, const std::vector<bool>& keep, std::deque<std::vector<T>>& store) {
     using detail::dims;
     const Index k = Index(std::count(keep.begin(), keep.end(), true));
-    const T *pa = a.a.data(), *pb = a.b.data(), *pe = a.e.data();
-    if constexpr (!Backend::host_accessible) {  // device memory: truncate host copies
-      pa = detail::host_copy<Backend>(ConstMatrixView<T>(pa, a.r, a.in), store).data;
-      pb = detail::host_copy<Backend>(ConstMatrixView<T>(pb, a.out, a.r), store).data;
-      pe = detail::host_copy<Backend>(ConstMatrixView<T>(pe, a.r, 1), store).data;
-    }
     auto& va = store.emplace_back();
     auto& ve = store.emplace_back();
     auto& vb = store.emplace_back();
-    for (int i = 0; i < a.r; ++i) {
-      if (!keep[std::size_t(i)]) continue;
-      va.insert(va.end(), pa + i * a.in, pa + (i + 1) * a.in);
-      ve.push_back(pe[i]);
-    }
-    for (Index o = 0; o < a.out; ++o)
-      for (int i = 0; i < a.r; ++i)
-        if (keep[std::size_t(i)]) vb.push_back(pb[o * a.r + i]);
+    adalora::detail::kept_triplets<T>(a, keep, va, vb, ve);  // (downloaded first on a device backend)
     return {{"lora_A", MatrixView<T>(va.data(), k, a.in), dims({k, a.in})},
             {"lora_B", MatrixView<T>(vb.data(), a.out, k), dims({a.out, k})},
             {"lora_E", MatrixView<T>(ve.data(), k, 1), dims({k, 1})}};
@@ -479,7 +466,7 @@ std::vector<StateEntry<T>> collect_state(Model& model, const std::string& adapte
             if (const AdaLoraConfig* ac = cfg ? cfg->template get_if<AdaLoraConfig>() : nullptr) {
               const AdaLoraConfig want = ac->for_module(path);
               if (KindCheckpoint<AdaLora>::truncates(a, want)) {
-                ts = KindCheckpoint<AdaLora>::template truncated<T, B>(a, want.rank_pattern.front().second, *store);
+                ts = KindCheckpoint<AdaLora>::template truncated<T>(a, want.rank_pattern.front().second, *store);
                 done = true;
               }
             }
