@@ -685,13 +685,21 @@ void each1(std::size_t n, const F& f, const char* what) {
 
 /// Adam/AdamW on one element: the CPU loop's operations in the accumulator type, each operand stored once
 /// (nvcc contracts multiply-adds into FMAs: float and double results agree with the CPU's to rounding).
-template <class T> struct AdamOp {
-  using A = A_<T>;
-  T *value; const T* grad; T *m, *v, *vmax;
+/// The value an optimizer step starts from (TrainKernels' contract): the master, unless the parameter no longer
+/// equals the master rounded to T (written outside the optimizer, or the master unset: NaN).
+template <class T, class S> __device__ A_<S> start_value(const S* master, std::size_t i, T value) {
+  const A_<S> cur = ld(value);
+  if (master == nullptr) return cur;
+  const A_<S> p = ld(master[i]);
+  return ld(Num<T>::st(p)) == cur ? p : cur;
+}
+template <class T, class S> struct AdamOp {
+  using A = A_<S>;
+  T* value; const T* grad; S* master; S *m, *v, *vmax;
   A decay, wd, beta1, omb1, beta2, omb2, bc2_sqrt, eps, neg_step_size;
   bool decoupled, use_wd, amsgrad;
   __device__ void operator()(std::size_t i) const {
-    A g = ld(grad[i]), p = ld(value[i]), mm = ld(m[i]), vv = ld(v[i]);
+    A g = ld(grad[i]), p = start_value(master, i, value[i]), mm = ld(m[i]), vv = ld(v[i]);
     if (decoupled) p = p * decay;
     else if (use_wd) g = g + wd * p;
     mm = mm * beta1;
@@ -702,33 +710,36 @@ template <class T> struct AdamOp {
     if (amsgrad) {
       A vm = ld(vmax[i]);
       if (vv > vm || isnan(vv)) vm = vv;
-      vmax[i] = Num<T>::st(vm);
+      vmax[i] = Num<S>::st(vm);
       denom = sqrt(vm) / bc2_sqrt + eps;
     } else {
       denom = sqrt(vv) / bc2_sqrt + eps;
     }
     p = p + neg_step_size * mm / denom;
-    m[i] = Num<T>::st(mm);
-    v[i] = Num<T>::st(vv);
+    m[i] = Num<S>::st(mm);
+    v[i] = Num<S>::st(vv);
+    if (master) master[i] = Num<S>::st(p);
     value[i] = Num<T>::st(p);
   }
 };
-template <class T> struct SgdOp {
-  using A = A_<T>;
-  T* value; const T* grad; T* buf;
+template <class T, class S> struct SgdOp {
+  using A = A_<S>;
+  T* value; const T* grad; S* master; S* buf;
   A wd, momentum, omd, neg_lr;
   bool use_wd, use_momentum, first, nesterov;
   __device__ void operator()(std::size_t i) const {
-    A p = ld(value[i]);
+    A p = start_value(master, i, value[i]);
     A d = ld(grad[i]);
     if (use_wd) d = d + wd * p;
     if (use_momentum) {
       A b = first ? d : ld(buf[i]) * momentum;
       if (!first) b = b + omd * d;
-      buf[i] = Num<T>::st(b);
+      buf[i] = Num<S>::st(b);
       d = nesterov ? d + momentum * b : b;
     }
-    value[i] = Num<T>::st(p + neg_lr * d);
+    p = p + neg_lr * d;
+    if (master) master[i] = Num<S>::st(p);
+    value[i] = Num<T>::st(p);
   }
 };
 template <class T> struct ScaleFlatOp {
@@ -1147,19 +1158,19 @@ void nn::NnKernels<CudaBackend>::softmax_backward(ConstMatrixView<T> p, MatrixVi
 
 // ---- TrainKernels<CudaBackend> ------------------------------------------------------------------------------
 
-template <class T>
-void TrainKernels<CudaBackend>::adam_update(T* value, const T* grad, T* m, T* v, T* vmax, std::size_t n, const AdamStepScalars& s) {
-  using A = cuda::detail::acc_t<T>;
-  cuda::detail::AdamOp<T> op{value, grad, m, v, vmax,
+template <class T, class S>
+void TrainKernels<CudaBackend>::adam_update(T* value, const T* grad, S* master, S* m, S* v, S* vmax, std::size_t n, const AdamStepScalars& s) {
+  using A = cuda::detail::acc_t<S>;
+  cuda::detail::AdamOp<T, S> op{value, grad, master, m, v, vmax,
                              A(1.0 - s.lr * s.weight_decay), A(s.weight_decay), A(s.beta1), A(1.0 - s.beta1), A(s.beta2), A(1.0 - s.beta2),
                              A(s.bias_correction2_sqrt), A(s.eps), A(-s.step_size),
                              s.decoupled, s.weight_decay != 0.0, s.amsgrad};
   cuda::detail::each1(n, op, "adam_update");
 }
-template <class T>
-void TrainKernels<CudaBackend>::sgd_update(T* value, const T* grad, T* buf, std::size_t n, const SgdStepScalars& s) {
-  using A = cuda::detail::acc_t<T>;
-  cuda::detail::SgdOp<T> op{value, grad, buf, A(s.weight_decay), A(s.momentum), A(1.0 - s.dampening), A(-s.lr),
+template <class T, class S>
+void TrainKernels<CudaBackend>::sgd_update(T* value, const T* grad, S* master, S* buf, std::size_t n, const SgdStepScalars& s) {
+  using A = cuda::detail::acc_t<S>;
+  cuda::detail::SgdOp<T, S> op{value, grad, master, buf, A(s.weight_decay), A(s.momentum), A(1.0 - s.dampening), A(-s.lr),
                             s.weight_decay != 0.0, s.momentum != 0.0, s.first, s.nesterov};
   cuda::detail::each1(n, op, "sgd_update");
 }
@@ -1280,8 +1291,11 @@ PEFT_CUDA_INSTANTIATE(bf16)
 PEFT_CUDA_INSTANTIATE(half)
 
 #define PEFT_CUDA_INSTANTIATE_TRAIN(T)                                                                                             \
-  template void TrainKernels<CudaBackend>::adam_update<T>(T*, const T*, T*, T*, T*, std::size_t, const AdamStepScalars&);            \
-  template void TrainKernels<CudaBackend>::sgd_update<T>(T*, const T*, T*, std::size_t, const SgdStepScalars&);                      \
+  template void TrainKernels<CudaBackend>::adam_update<T, optimizer_state_t<T>>(T*, const T*, optimizer_state_t<T>*, optimizer_state_t<T>*,  \
+                                                                              optimizer_state_t<T>*, optimizer_state_t<T>*, std::size_t,   \
+                                                                              const AdamStepScalars&);                                     \
+  template void TrainKernels<CudaBackend>::sgd_update<T, optimizer_state_t<T>>(T*, const T*, optimizer_state_t<T>*, optimizer_state_t<T>*,   \
+                                                                             std::size_t, const SgdStepScalars&);                          \
   template double TrainKernels<CudaBackend>::grad_norm<T>(std::span<const ParamRef<T>>, double);                                     \
   template void TrainKernels<CudaBackend>::scale<T>(T*, std::size_t, double);                                                        \
   template void TrainKernels<CudaBackend>::clamp<T>(T*, std::size_t, double, double);                                                \

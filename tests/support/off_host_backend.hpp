@@ -213,13 +213,13 @@ struct peft::TrainKernels<peft::test::OffHost> {
   using K = TrainKernels<EigenCpu>;
   template <class T>
   static T* u(T* p) noexcept { return test::off_host(p); }
-  template <class T>
-  static void adam_update(T* value, const T* grad, T* m, T* v, T* vmax, std::size_t n, const AdamStepScalars& s) {
-    K::adam_update<T>(u(value), u(grad), u(m), u(v), u(vmax), n, s);
+  template <class T, class S>
+  static void adam_update(T* value, const T* grad, S* master, S* m, S* v, S* vmax, std::size_t n, const AdamStepScalars& s) {
+    K::adam_update<T, S>(u(value), u(grad), u(master), u(m), u(v), u(vmax), n, s);
   }
-  template <class T>
-  static void sgd_update(T* value, const T* grad, T* buf, std::size_t n, const SgdStepScalars& s) {
-    K::sgd_update<T>(u(value), u(grad), u(buf), n, s);
+  template <class T, class S>
+  static void sgd_update(T* value, const T* grad, S* master, S* buf, std::size_t n, const SgdStepScalars& s) {
+    K::sgd_update<T, S>(u(value), u(grad), u(master), u(buf), n, s);
   }
   template <class T>
   static double grad_norm(std::span<const ParamRef<T>> params, double norm_type) {

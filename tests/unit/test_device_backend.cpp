@@ -145,6 +145,36 @@ TEST_CASE("off-host backend: loss, gradient clipping and optimizers equal the CP
   test::parity::training_cases<OffHost, double>(0.0, true);
 }
 
+TEST_CASE("off-host backend: 16-bit parameters train through fp32 master weights in backend memory, as on the CPU", "[device][train][mixed]") {
+  // AdamW and SGD over bf16 parameters: the float state and the master (unset: NaN, filled by a backend
+  // operation) live in backend memory; the parameters equal the CPU optimizer's bit for bit, a write made
+  // outside the optimizer included.
+  const std::size_t n = 5;
+  test::OffHostBuffer<bf16> w(n), g(n);
+  std::vector<bf16> wc(n), gc(n);
+  bf16* wh = test::off_host(w.data());  // the test's own look at the backend memory
+  bf16* gh = test::off_host(g.data());
+  for (std::size_t i = 0; i < n; ++i) wh[i] = wc[i] = bf16(0.5 * double(i) - 1.0);
+  const std::vector<ParamRef<bf16>> pd{{"w", w.data(), g.data(), n, true, false}}, pc{{"w", wc.data(), gc.data(), n, true, true}};
+  AdamW<bf16, OffHost> ad(pd, {.lr = 1e-3, .amsgrad = true});
+  AdamW<bf16> ac(pc, {.lr = 1e-3, .amsgrad = true});
+  SGD<bf16, OffHost> sd(pd, {.lr = 1e-3, .momentum = 0.9});
+  SGD<bf16> sc(pc, {.lr = 1e-3, .momentum = 0.9});
+  for (int step = 0; step < 12; ++step) {
+    for (std::size_t i = 0; i < n; ++i) gh[i] = gc[i] = bf16(std::cos(double(step + 3 * int(i))));
+    if (step == 6) wh[1] = wc[1] = bf16(4.0);
+    ad.step();
+    ac.step();
+    sd.step();
+    sc.step();
+    for (std::size_t i = 0; i < n; ++i) {
+      INFO("step " << step << ", element " << i);
+      REQUIRE(wh[i].bits == wc[i].bits);
+    }
+  }
+  CHECK(float(wc[1]) > 3.9f);  // the outside write was taken up
+}
+
 TEST_CASE("optimizers and clipping refuse parameters of another backend's memory", "[device][train]") {
   Generator gc(1), gd(1);
   Linear<double> cpu(3, 2, true, gc);

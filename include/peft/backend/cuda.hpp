@@ -384,18 +384,18 @@ struct nn::NnKernels<CudaBackend> {
 };
 
 /// The training kernels on the GPU (see TrainKernels<EigenCpu> in peft/train/kernels.hpp for each contract):
-/// the Adam/AdamW and SGD updates (one thread per element, every operand read and written once; 16-bit
-/// storage computes in float with float scalars, rounding each tensor once per step), the gradient norm
+/// the Adam/AdamW and SGD updates (one thread per element, every operand read and written once, computed in
+/// the state type S = optimizer_state_t<T>: float state and fp32 master weights for 16-bit parameters), the gradient norm
 /// (per tensor, fixed-size blocks of double partial sums, downloaded together and added on the host in a
 /// fixed order: deterministic; the first call on a thread, or one with more tensors, allocates the partials),
 /// scale and clamp, and the per-row cross-entropy (one block per row, double accumulation; `targets` and
 /// `row_loss` are device pointers). Compiled for float, double, bf16 and half.
 template <>
 struct TrainKernels<CudaBackend> {
-  template <class T>
-  static void adam_update(T* value, const T* grad, T* m, T* v, T* vmax, std::size_t n, const AdamStepScalars& s);
-  template <class T>
-  static void sgd_update(T* value, const T* grad, T* buf, std::size_t n, const SgdStepScalars& s);
+  template <class T, class S>
+  static void adam_update(T* value, const T* grad, S* master, S* m, S* v, S* vmax, std::size_t n, const AdamStepScalars& s);
+  template <class T, class S>
+  static void sgd_update(T* value, const T* grad, S* master, S* buf, std::size_t n, const SgdStepScalars& s);
   template <class T>
   static double grad_norm(std::span<const ParamRef<T>> params, double norm_type);
   template <class T>

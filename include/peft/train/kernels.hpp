@@ -19,53 +19,68 @@ namespace peft {
 
 template <>
 struct TrainKernels<EigenCpu> {
-  /// One Adam/AdamW update of n elements, in PyTorch 1.13's single-tensor order of operations, with every
-  /// scalar converted to T first (as PyTorch converts Python scalars to the tensor's dtype).
-  template <class T>
-  static void adam_update(T* value, const T* grad, T* m, T* v, T* vmax, std::size_t n, const AdamStepScalars& s) {
-    const T decay = static_cast<T>(1.0 - s.lr * s.weight_decay);
-    const T wd = static_cast<T>(s.weight_decay);
-    const T beta1 = static_cast<T>(s.beta1);
-    const T one_minus_beta1 = static_cast<T>(1.0 - s.beta1);
-    const T beta2 = static_cast<T>(s.beta2);
-    const T one_minus_beta2 = static_cast<T>(1.0 - s.beta2);
-    const T bc2_sqrt = static_cast<T>(s.bias_correction2_sqrt);
-    const T eps = static_cast<T>(s.eps);
-    const T neg_step_size = static_cast<T>(-s.step_size);
+  /// The value an update of parameter element `value` starts from (see TrainKernels in
+  /// peft/backend/train_kernels.hpp): the master, unless the parameter no longer equals the master rounded to
+  /// T (written outside the optimizer, or the master unset: NaN); the parameter itself without a master.
+  template <class T, class S>
+  static S start_value(const S* master, std::size_t i, T value) {
+    if (master == nullptr) return static_cast<S>(value);
+    const S p = master[i];
+    return static_cast<S>(static_cast<T>(p)) == static_cast<S>(value) ? p : static_cast<S>(value);
+  }
+
+  /// One Adam/AdamW update of n elements, in PyTorch 1.13's single-tensor order of operations, computed in S
+  /// with every scalar converted to S first (as PyTorch converts Python scalars to the tensor's dtype).
+  template <class T, class S>
+  static void adam_update(T* value, const T* grad, S* master, S* m, S* v, S* vmax, std::size_t n, const AdamStepScalars& s) {
+    const S decay = static_cast<S>(1.0 - s.lr * s.weight_decay);
+    const S wd = static_cast<S>(s.weight_decay);
+    const S beta1 = static_cast<S>(s.beta1);
+    const S one_minus_beta1 = static_cast<S>(1.0 - s.beta1);
+    const S beta2 = static_cast<S>(s.beta2);
+    const S one_minus_beta2 = static_cast<S>(1.0 - s.beta2);
+    const S bc2_sqrt = static_cast<S>(s.bias_correction2_sqrt);
+    const S eps = static_cast<S>(s.eps);
+    const S neg_step_size = static_cast<S>(-s.step_size);
     for (std::size_t i = 0; i < n; ++i) {
-      T g = grad[i];
+      S g = static_cast<S>(grad[i]);
+      S p = start_value(master, i, value[i]);
       if (s.decoupled) {
-        value[i] = value[i] * decay;  // param.mul_(1 - lr * weight_decay)
+        p = p * decay;  // param.mul_(1 - lr * weight_decay)
       } else if (s.weight_decay != 0.0) {
-        g = g + wd * value[i];  // grad.add(param, alpha=weight_decay)
+        g = g + wd * p;  // grad.add(param, alpha=weight_decay)
       }
       m[i] = m[i] * beta1;
       m[i] = m[i] + one_minus_beta1 * g;  // exp_avg.mul_(beta1).add_(grad, alpha=1-beta1)
       v[i] = v[i] * beta2;
       v[i] = v[i] + one_minus_beta2 * g * g;  // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1-beta2)
-      T denom;
+      S denom;
       if (s.amsgrad) {
         if (v[i] > vmax[i] || std::isnan(v[i])) vmax[i] = v[i];  // torch.maximum (NaN propagates)
         denom = std::sqrt(vmax[i]) / bc2_sqrt + eps;
       } else {
         denom = std::sqrt(v[i]) / bc2_sqrt + eps;
       }
-      value[i] = value[i] + neg_step_size * m[i] / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
+      p = p + neg_step_size * m[i] / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
+      if (master) master[i] = p;
+      value[i] = static_cast<T>(p);
     }
   }
 
-  /// One SGD update of n elements (torch.optim.SGD's single-tensor loop; scalars converted to T).
-  template <class T>
-  static void sgd_update(T* value, const T* grad, T* buf, std::size_t n, const SgdStepScalars& s) {
-    const T wd = static_cast<T>(s.weight_decay);
-    const T momentum = static_cast<T>(s.momentum);
-    const T one_minus_dampening = static_cast<T>(1.0 - s.dampening);
-    const T neg_lr = static_cast<T>(-s.lr);
+  /// One SGD update of n elements (torch.optim.SGD's single-tensor loop), computed in S with the scalars
+  /// converted to S.
+  template <class T, class S>
+  static void sgd_update(T* value, const T* grad, S* master, S* buf, std::size_t n, const SgdStepScalars& s) {
+    const S wd = static_cast<S>(s.weight_decay);
+    const S momentum = static_cast<S>(s.momentum);
+    const S one_minus_dampening = static_cast<S>(1.0 - s.dampening);
+    const S neg_lr = static_cast<S>(-s.lr);
     const bool use_wd = s.weight_decay != 0.0;
     const bool use_momentum = s.momentum != 0.0;
     for (std::size_t i = 0; i < n; ++i) {
-      T d = grad[i];
-      if (use_wd) d = d + wd * value[i];  // d_p.add(param, alpha=weight_decay)
+      S p = start_value(master, i, value[i]);
+      S d = static_cast<S>(grad[i]);
+      if (use_wd) d = d + wd * p;  // d_p.add(param, alpha=weight_decay)
       if (use_momentum) {
         if (s.first) {
           buf[i] = d;  // torch.clone(d_p)
@@ -75,7 +90,9 @@ struct TrainKernels<EigenCpu> {
         }
         d = s.nesterov ? d + momentum * buf[i] : buf[i];
       }
-      value[i] = value[i] + neg_lr * d;  // param.add_(d_p, alpha=-lr)
+      p = p + neg_lr * d;  // param.add_(d_p, alpha=-lr)
+      if (master) master[i] = p;
+      value[i] = static_cast<T>(p);
     }
   }
 

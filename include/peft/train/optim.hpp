@@ -11,6 +11,15 @@
 // EigenCpu): the state lives in the backend's buffers and the element loops are TrainKernels<Backend>
 // operations, so `AdamW<float, CudaBackend>` updates a GPU model's parameters where they are. Parameters of
 // another backend's memory (ParamRef::host_accessible) are refused with std::invalid_argument.
+//
+// Mixed precision: for parameters in a 16-bit storage type (peft::bf16, peft::half), the optimizers keep
+// their state in float (optimizer_state_t<T>): the moments or momentum, and fp32 master weights. Each step
+// computes in float from the master and writes the parameter as the master rounded to T, so updates smaller
+// than half a 16-bit unit in the last place accumulate instead of vanishing (PEFT gets the same by keeping
+// adapter weights in float32 under a bf16 model: autocast_adapter_dtype=True). A master starts unset and is
+// (re)loaded from its parameter whenever the parameter no longer equals the master rounded to T, so writes
+// made outside the optimizer (a checkpoint loaded, AdaLoRA's rank masking) are taken up at the next step;
+// a write that changes the parameter by less than that rounding is not seen.
 #pragma once
 
 #include <algorithm>
@@ -82,6 +91,15 @@ std::vector<ParamRef<T>> collect_trainable(std::span<const ParamRef<T>> params, 
   return out;
 }
 
+/// An unset master: NaN never equals a parameter, so the first step loads the master from it.
+template <class T, class Backend>
+void init_master(typename Backend::template buffer<optimizer_state_t<T>>& master, std::size_t n) {
+  if constexpr (is_half_precision_v<T>) {
+    master.resize(n);
+    if (n) Backend::template fill<float>(master.view(1, Index(n)), std::numeric_limits<float>::quiet_NaN());
+  }
+}
+
 /// Total number of elements of `params`.
 template <class T>
 std::size_t total_size(const std::vector<ParamRef<T>>& params) {
@@ -137,6 +155,7 @@ class AdamCore {
     exp_avg_.resize(n);  // zero-initialised, in the backend's memory
     exp_avg_sq_.resize(n);
     if (amsgrad_) max_exp_avg_sq_.resize(n);
+    init_master<T, Backend>(master_, n);
   }
 
   /// Performs one update: increments step_count(), then updates every trainable parameter's value
@@ -157,8 +176,9 @@ class AdamCore {
     sc.amsgrad = amsgrad_;
     std::size_t offset = 0;
     for (const auto& p : params_) {
-      TrainKernels<Backend>::adam_update(p.value, static_cast<const T*>(p.grad), exp_avg_.data() + offset, exp_avg_sq_.data() + offset,
-                                         amsgrad_ ? max_exp_avg_sq_.data() + offset : static_cast<T*>(nullptr), p.size, sc);
+      TrainKernels<Backend>::template adam_update<T, S>(p.value, static_cast<const T*>(p.grad), master_.empty() ? nullptr : master_.data() + offset,
+                                                        exp_avg_.data() + offset, exp_avg_sq_.data() + offset,
+                                                        amsgrad_ ? max_exp_avg_sq_.data() + offset : nullptr, p.size, sc);
       offset += p.size;
     }
   }
@@ -185,12 +205,18 @@ class AdamCore {
   /// Returns the trainable parameters this optimizer updates, in the order given.
   [[nodiscard]] std::span<const ParamRef<T>> params() const noexcept { return params_; }
 
+  /// The type of the moments (and master weights): float for 16-bit parameters, T otherwise.
+  using state_type = optimizer_state_t<T>;
+  /// Whether fp32 master weights are kept (16-bit parameters).
+  static constexpr bool has_master_weights = is_half_precision_v<T>;
+
  protected:
+  using S = state_type;
   double lr_, beta1_, beta2_, eps_, weight_decay_;
   bool amsgrad_;
   long step_ = 0;
   std::vector<ParamRef<T>> params_;
-  typename Backend::template buffer<T> exp_avg_, exp_avg_sq_, max_exp_avg_sq_;
+  typename Backend::template buffer<S> exp_avg_, exp_avg_sq_, max_exp_avg_sq_, master_;
 };
 
 }  // namespace detail
@@ -290,6 +316,7 @@ class SGD {
     }
     params_ = detail::collect_trainable<Backend>(params, what);
     if (options_.momentum != 0.0) momentum_buffer_.resize(detail::total_size(params_));  // zero, in the backend's memory
+    detail::init_master<T, Backend>(master_, detail::total_size(params_));
   }
 
   /// Performs one update: increments step_count() and updates every trainable parameter's value
@@ -306,8 +333,8 @@ class SGD {
     const bool use_momentum = options_.momentum != 0.0;
     std::size_t offset = 0;
     for (const auto& p : params_) {
-      TrainKernels<Backend>::sgd_update(p.value, static_cast<const T*>(p.grad), use_momentum ? momentum_buffer_.data() + offset : static_cast<T*>(nullptr),
-                                        p.size, sc);
+      TrainKernels<Backend>::template sgd_update<T, S>(p.value, static_cast<const T*>(p.grad), master_.empty() ? nullptr : master_.data() + offset,
+                                                       use_momentum ? momentum_buffer_.data() + offset : nullptr, p.size, sc);
       offset += p.size;
     }
   }
@@ -337,11 +364,17 @@ class SGD {
   /// Returns the trainable parameters this optimizer updates, in the order given.
   [[nodiscard]] std::span<const ParamRef<T>> params() const noexcept { return params_; }
 
+  /// The type of the momentum buffers (and master weights): float for 16-bit parameters, T otherwise.
+  using state_type = optimizer_state_t<T>;
+  /// Whether fp32 master weights are kept (16-bit parameters).
+  static constexpr bool has_master_weights = is_half_precision_v<T>;
+
  private:
+  using S = state_type;
   SGDOptions options_;
   long step_ = 0;
   std::vector<ParamRef<T>> params_;
-  typename Backend::template buffer<T> momentum_buffer_;
+  typename Backend::template buffer<S> momentum_buffer_, master_;
 };
 
 template <class T>
