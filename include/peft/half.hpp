@@ -98,4 +98,9 @@ static_assert(sizeof(bf16) == 2 && sizeof(half) == 2 && std::is_trivially_copyab
 template <class T>
 inline constexpr bool is_half_precision_v = std::is_same_v<T, bf16> || std::is_same_v<T, half>;
 
+/// The type values of a T computation are kept in when they must not lose precision between steps (LayerNorm's
+/// saved statistics, optimizer state): float for the 16-bit storage types, T otherwise.
+template <class T>
+using compute_type_t = std::conditional_t<is_half_precision_v<T>, float, T>;
+
 }  // namespace peft

@@ -99,16 +99,20 @@ void free(void* p) noexcept {
   if (p) (void)cudaFree(p);  // errors at shutdown (the runtime unloading) are not actionable here
 }
 void zero(void* p, std::size_t bytes) { PEFT_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, g_stream)); }
+void zero_new(void* p, std::size_t bytes) {
+  zero(p, bytes);
+  PEFT_CUDA_CHECK(cudaStreamSynchronize(g_stream));  // zero before any stream (a non-blocking one too) uses it
+}
 void copy_device(void* dst, const void* src, std::size_t bytes) {
   PEFT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, g_stream));
 }
 void upload_bytes(void* dst, const void* src, std::size_t bytes) {
   PEFT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, g_stream));
-  // From pageable memory the call returns once the bytes are staged, so the caller may reuse them; from
-  // page-locked memory the copy is truly asynchronous: wait for it.
+  // From pageable memory the driver stages the bytes (or copies synchronously) before the call returns, so
+  // the caller may reuse them; from page-locked or managed memory the copy is truly asynchronous: wait for it.
   cudaPointerAttributes at{};
   if (cudaPointerGetAttributes(&at, src) != cudaSuccess) (void)cudaGetLastError();
-  else if (at.type == cudaMemoryTypeHost) PEFT_CUDA_CHECK(cudaStreamSynchronize(g_stream));
+  else if (at.type == cudaMemoryTypeHost || at.type == cudaMemoryTypeManaged) PEFT_CUDA_CHECK(cudaStreamSynchronize(g_stream));
 }
 void copy_2d(void* dst, std::size_t dpitch, const void* src, std::size_t spitch, std::size_t width, std::size_t height, CopyKind kind) {
   const cudaMemcpyKind k = kind == CopyKind::host_to_device   ? cudaMemcpyHostToDevice
@@ -121,60 +125,65 @@ void copy_2d(void* dst, std::size_t dpitch, const void* src, std::size_t spitch,
   if (kind != CopyKind::device_to_device) PEFT_CUDA_CHECK(cudaStreamSynchronize(g_stream));  // the host memory is usable on return
 }
 
-/// One cuBLAS handle with its own workspace, for one (thread, device).
+/// One cuBLAS handle for one (thread, device), with one workspace per stream it has run GEMMs on: a GEMM
+/// queued on one stream may still be using its workspace when the thread queues another on a second stream.
 struct BlasHandle {
   cublasHandle_t handle = nullptr;
   int device = -1;
-  const void* owner = nullptr;  ///< the owning thread's handle table
-  Stream bound = nullptr;       ///< the stream the handle is set to
-  bool tf32 = false;            ///< the math mode the handle is set to (CUBLAS_TF32_TENSOR_OP_MATH or default)
-  void* workspace = nullptr;
-  std::size_t workspace_bytes = 0;
+  Stream bound = nullptr;  ///< the stream the handle is set to
+  bool tf32 = false;       ///< the math mode the handle is set to (CUBLAS_TF32_TENSOR_OP_MATH or default)
+  std::vector<std::pair<Stream, void*>> workspaces;
 };
 
 namespace {
-/// cuBLAS's recommended workspace for Hopper; fixed, so no GEMM allocates on its own.
+/// cuBLAS's recommended workspace for Hopper, per stream; fixed, so no GEMM allocates on its own.
 constexpr std::size_t kWorkspaceBytes = std::size_t(32) << 20;
 
+std::atomic<std::uint64_t> g_next_table{1};
+
 struct HandleTable {
+  std::uint64_t id = g_next_table.fetch_add(1, std::memory_order_relaxed);  ///< never reused by a later thread
   std::vector<BlasHandle*> by_device;
   ~HandleTable() {  // thread exit (the main thread's runs before the CUDA runtime tears down)
     for (BlasHandle* h : by_device)
       if (h) {
         (void)cudaSetDevice(h->device);
         (void)cublasDestroy(h->handle);
-        free(h->workspace);
+        for (auto& w : h->workspaces) free(w.second);
         delete h;
       }
   }
 };
 thread_local HandleTable g_handles;
 
-/// Points the handle at `s`. cublasSetStream resets the workspace to cuBLAS's own pool, so ours is set again.
+/// The handle's workspace for stream `s`, allocated on first use.
+void* workspace_for(BlasHandle& h, Stream s) {
+  for (auto& w : h.workspaces)
+    if (w.first == s) return w.second;
+  h.workspaces.reserve(h.workspaces.size() + 1);  // before the allocation: nothing can leak it
+  void* w = alloc(kWorkspaceBytes);
+  h.workspaces.emplace_back(s, w);
+  return w;
+}
+
+/// Points the handle at `s` and its workspace (cublasSetStream resets the workspace to cuBLAS's own pool).
 void bind_stream(BlasHandle& h, Stream s) {
+  void* w = workspace_for(h, s);
   PEFT_CUDA_CHECK(cublasSetStream(h.handle, s));
-  PEFT_CUDA_CHECK(cublasSetWorkspace(h.handle, h.workspace, h.workspace_bytes));
+  PEFT_CUDA_CHECK(cublasSetWorkspace(h.handle, w, kWorkspaceBytes));
   h.bound = s;
 }
-}  // namespace
 
-BlasHandle* blas_handle() {
-  int d = 0;
-  PEFT_CUDA_CHECK(cudaGetDevice(&d));
+/// This thread's handle for the current device `d`, made on first use.
+BlasHandle* thread_handle(int d) {
   auto& t = g_handles;
   if (t.by_device.size() <= std::size_t(d)) t.by_device.resize(std::size_t(d) + 1, nullptr);
   if (BlasHandle* h = t.by_device[std::size_t(d)]) return h;
   auto* h = new BlasHandle;
   h->device = d;
-  h->owner = &t;
   try {
     PEFT_CUDA_CHECK(cublasCreate(&h->handle));
-    h->workspace = alloc(kWorkspaceBytes);
-    h->workspace_bytes = kWorkspaceBytes;
-    bind_stream(*h, g_stream);
   } catch (...) {
-    if (h->handle) (void)cublasDestroy(h->handle);
-    free(h->workspace);
     delete h;
     throw;
   }
@@ -182,14 +191,29 @@ BlasHandle* blas_handle() {
   return h;
 }
 
-namespace {
-/// The handle a GEMM uses: the scratch's, if it belongs to this thread and the current device; otherwise
-/// this thread's (made now if needed, which allocates: reserve_gemm at context creation avoids that).
-cublasHandle_t gemm_handle(BlasHandle* h) {
+int current_device() {
   int d = 0;
   PEFT_CUDA_CHECK(cudaGetDevice(&d));
-  if (!h || h->owner != &g_handles || h->device != d) h = blas_handle();
-  if (h->bound != g_stream) bind_stream(*h, g_stream);
+  return d;
+}
+}  // namespace
+
+void reserve_blas(BlasRef& ref) {
+  const int d = current_device();
+  BlasHandle* h = thread_handle(d);
+  (void)workspace_for(*h, g_stream);  // the current stream's workspace now, not in the first forward
+  ref = BlasRef{h, g_handles.id, d};
+}
+
+namespace {
+/// The handle a GEMM uses: the scratch's, if it was reserved by this thread for the current device (it is
+/// not dereferenced otherwise: another thread's handle dies with that thread); otherwise this thread's (made
+/// now if needed, which allocates: reserve_gemm at context creation avoids that). Bound to the current
+/// stream and its workspace.
+cublasHandle_t gemm_handle(const BlasRef& ref) {
+  const int d = current_device();
+  BlasHandle* h = ref.handle != nullptr && ref.table == g_handles.id && ref.device == d ? ref.handle : thread_handle(d);
+  if (h->bound != g_stream || h->workspaces.empty()) bind_stream(*h, g_stream);
   if (h->tf32 != g_tf32) {
     PEFT_CUDA_CHECK(cublasSetMathMode(h->handle, g_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     h->tf32 = g_tf32;
@@ -556,7 +580,8 @@ __device__ A block_max(A v, A* sh) {
 
 /// One block per row: mean, biased variance (two passes), y = (x − mean) · rstd · gamma + beta.
 template <class T>
-__global__ void k_layer_norm_fwd(Mat<const T> x, Index d, const T* gamma, const T* beta, A_<T> eps, Mat<T> y, T* mean, T* rstd) {
+__global__ void k_layer_norm_fwd(Mat<const T> x, Index d, const T* gamma, const T* beta, A_<T> eps, Mat<T> y, compute_type_t<T>* mean,
+                                 compute_type_t<T>* rstd) {
   using A = A_<T>;
   __shared__ A sh[kRowThreads];
   const Index i = blockIdx.x;
@@ -570,14 +595,15 @@ __global__ void k_layer_norm_fwd(Mat<const T> x, Index d, const T* gamma, const 
   }
   const A r = A(1) / sqrt(block_sum(v, sh) / A(d) + eps);
   if (threadIdx.x == 0) {
-    mean[i] = Num<T>::st(mu);
-    rstd[i] = Num<T>::st(r);
+    mean[i] = compute_type_t<T>(mu);  // float for 16-bit storage: no rounding between forward and backward
+    rstd[i] = compute_type_t<T>(r);
   }
   for (Index j = threadIdx.x; j < d; j += kRowThreads) y.set(i, j, (x(i, j) - mu) * r * ld(gamma[j]) + ld(beta[j]));
 }
 /// One block per row: dx = beta_dx · dx + rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)), g = dy ⊙ gamma.
 template <class T>
-__global__ void k_layer_norm_bwd_dx(Mat<const T> x, Mat<const T> dy, Index d, const T* gamma, const T* mean, const T* rstd, Mat<T> dx,
+__global__ void k_layer_norm_bwd_dx(Mat<const T> x, Mat<const T> dy, Index d, const T* gamma, const compute_type_t<T>* mean,
+                                    const compute_type_t<T>* rstd, Mat<T> dx,
                                     A_<T> beta_dx) {
   using A = A_<T>;
   __shared__ A sh[kRowThreads];
@@ -598,7 +624,7 @@ __global__ void k_layer_norm_bwd_dx(Mat<const T> x, Mat<const T> dy, Index d, co
   }
 }
 template <class T> struct LoadDyXhat {
-  Mat<const T> x, dy; const T *mean, *rstd;
+  Mat<const T> x, dy; const compute_type_t<T> *mean, *rstd;
   __device__ A_<T> operator()(Index i, Index j) const { return dy(i, j) * (x(i, j) - ld(mean[i])) * ld(rstd[i]); }
 };
 
@@ -686,7 +712,7 @@ void each1(std::size_t n, const F& f, const char* what) {
 /// Adam/AdamW on one element: the CPU loop's operations in the accumulator type, each operand stored once
 /// (nvcc contracts multiply-adds into FMAs: float and double results agree with the CPU's to rounding).
 /// The value an optimizer step starts from (TrainKernels' contract): the master, unless the parameter no longer
-/// equals the master rounded to T (written outside the optimizer, or the master unset: NaN).
+/// equals the master rounded to T (written outside the optimizer, or the master new: zero).
 template <class T, class S> __device__ A_<S> start_value(const S* master, std::size_t i, T value) {
   const A_<S> cur = ld(value);
   if (master == nullptr) return cur;
@@ -896,7 +922,7 @@ void CudaBackend::fill(MatrixView<T> y, std::type_identity_t<T> value) {
 template <class T>
 void CudaBackend::copy(std::type_identity_t<ConstMatrixView<T>> x, MatrixView<T> y) {
   same_shape(x, y, "CudaBackend::copy");
-  if (y.empty()) return;
+  if (y.empty() || (x.data == y.data && x.stride == y.stride)) return;  // onto itself (cudaMemcpy must not overlap)
   cuda::detail::copy_2d(y.data, std::size_t(y.stride) * sizeof(T), x.data, std::size_t(x.stride) * sizeof(T), std::size_t(y.cols) * sizeof(T),
                         std::size_t(y.rows), cuda::detail::CopyKind::device_to_device);
 }
@@ -1106,8 +1132,8 @@ void check_rows(Index rows, const char* what) {
 }  // namespace
 
 template <class T>
-void nn::NnKernels<CudaBackend>::layer_norm_forward(ConstMatrixView<T> x, const T* gamma, const T* beta, double eps, MatrixView<T> y, T* mean,
-                                                    T* rstd) {
+void nn::NnKernels<CudaBackend>::layer_norm_forward(ConstMatrixView<T> x, const T* gamma, const T* beta, double eps, MatrixView<T> y,
+                                                    compute_type_t<T>* mean, compute_type_t<T>* rstd) {
   if (x.rows == 0) return;
   check_rows(x.rows, "layer_norm_forward");
   cuda::detail::k_layer_norm_fwd<T><<<unsigned(x.rows), cuda::detail::kRowThreads, 0, cuda::detail::g_stream>>>(
@@ -1115,7 +1141,8 @@ void nn::NnKernels<CudaBackend>::layer_norm_forward(ConstMatrixView<T> x, const 
   cuda::detail::check_launch("layer_norm_forward");
 }
 template <class T>
-void nn::NnKernels<CudaBackend>::layer_norm_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, const T* gamma, const T* mean, const T* rstd,
+void nn::NnKernels<CudaBackend>::layer_norm_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, const T* gamma, const compute_type_t<T>* mean,
+                                                     const compute_type_t<T>* rstd,
                                                      MatrixView<T> dx, T beta_dx, T* dgamma, T* dbeta, T beta_p) {
   using A = cuda::detail::acc_t<T>;
   if (dgamma) {
@@ -1272,9 +1299,11 @@ void TrainKernels<CudaBackend>::cross_entropy_rows(ConstMatrixView<T> logits, co
   template void CudaBackend::rescale_rows<T>(MatrixView<T>, MatrixView<T>, const T*, const T*, const T*);
 
 #define PEFT_CUDA_INSTANTIATE_NN(T)                                                                                                \
-  template void nn::NnKernels<CudaBackend>::layer_norm_forward<T>(ConstMatrixView<T>, const T*, const T*, double, MatrixView<T>, T*, T*); \
-  template void nn::NnKernels<CudaBackend>::layer_norm_backward<T>(ConstMatrixView<T>, ConstMatrixView<T>, const T*, const T*, const T*,   \
-                                                                   MatrixView<T>, T, T*, T*, T);                                         \
+  template void nn::NnKernels<CudaBackend>::layer_norm_forward<T>(ConstMatrixView<T>, const T*, const T*, double, MatrixView<T>,            \
+                                                                  compute_type_t<T>*, compute_type_t<T>*);                                \
+  template void nn::NnKernels<CudaBackend>::layer_norm_backward<T>(ConstMatrixView<T>, ConstMatrixView<T>, const T*,                      \
+                                                                   const compute_type_t<T>*, const compute_type_t<T>*, MatrixView<T>, T, \
+                                                                   T*, T*, T);                                                           \
   template void nn::NnKernels<CudaBackend>::gelu_forward<T>(ConstMatrixView<T>, MatrixView<T>, nn::GeluApproximate);                     \
   template void nn::NnKernels<CudaBackend>::gelu_backward<T>(ConstMatrixView<T>, ConstMatrixView<T>, MatrixView<T>, T, nn::GeluApproximate); \
   template void nn::NnKernels<CudaBackend>::masked_causal_softmax<T>(MatrixView<T>, Index, const std::int64_t*);                        \

@@ -497,6 +497,10 @@ TEST_CASE("cuda: forward and backward make no device allocation", "[cuda][alloc]
       for (Index m : {max_batch, Index(1), Index(77)}) step(m);
     cuda::synchronize();
     CHECK(cuda::allocation_count() == count0);  // peft's own cudaMalloc calls, from the first step on
-    CHECK(cuda::mem_info().free == free0);      // and nothing else (cuBLAS included) after the warm-up
+    // and nothing else (cuBLAS included) after the warm-up: a cuBLAS workspace of its own would be MiBs; the
+    // driver may still grow per-thread local memory by a little
+    const auto free1 = cuda::mem_info().free;
+    INFO("free device memory " << free0 << " -> " << free1);
+    CHECK(free1 + (std::size_t(4) << 20) >= free0);
   }
 }

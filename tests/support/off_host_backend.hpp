@@ -184,11 +184,13 @@ struct peft::nn::NnKernels<peft::test::OffHost> {
   template <class T>
   static T* u(T* p) noexcept { return test::off_host(p); }
   template <class T>
-  static void layer_norm_forward(ConstMatrixView<T> x, const T* gamma, const T* beta, double eps, MatrixView<T> y, T* mean, T* rstd) {
+  static void layer_norm_forward(ConstMatrixView<T> x, const T* gamma, const T* beta, double eps, MatrixView<T> y, compute_type_t<T>* mean,
+                                 compute_type_t<T>* rstd) {
     K::layer_norm_forward<T>(test::on_host(x), u(gamma), u(beta), eps, test::on_host(y), u(mean), u(rstd));
   }
   template <class T>
-  static void layer_norm_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, const T* gamma, const T* mean, const T* rstd, MatrixView<T> dx,
+  static void layer_norm_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, const T* gamma, const compute_type_t<T>* mean,
+                                  const compute_type_t<T>* rstd, MatrixView<T> dx,
                                   T beta_dx, T* dgamma, T* dbeta, T beta_p) {
     K::layer_norm_backward<T>(test::on_host(x), test::on_host(dy), u(gamma), u(mean), u(rstd), test::on_host(dx), beta_dx, u(dgamma), u(dbeta),
                               beta_p);

@@ -146,15 +146,15 @@ TEST_CASE("off-host backend: loss, gradient clipping and optimizers equal the CP
 }
 
 TEST_CASE("off-host backend: 16-bit parameters train through fp32 master weights in backend memory, as on the CPU", "[device][train][mixed]") {
-  // AdamW and SGD over bf16 parameters: the float state and the master (unset: NaN, filled by a backend
-  // operation) live in backend memory; the parameters equal the CPU optimizer's bit for bit, a write made
-  // outside the optimizer included.
+  // AdamW and SGD over bf16 parameters: the float state and the masters live in backend memory; the
+  // parameters (one of them zero from the start) equal the CPU optimizer's bit for bit, a write made outside
+  // the optimizer included.
   const std::size_t n = 5;
   test::OffHostBuffer<bf16> w(n), g(n);
   std::vector<bf16> wc(n), gc(n);
   bf16* wh = test::off_host(w.data());  // the test's own look at the backend memory
   bf16* gh = test::off_host(g.data());
-  for (std::size_t i = 0; i < n; ++i) wh[i] = wc[i] = bf16(0.5 * double(i) - 1.0);
+  for (std::size_t i = 0; i < n; ++i) wh[i] = wc[i] = bf16(0.5 * double(i) - 1.0);  // element 2 is zero
   const std::vector<ParamRef<bf16>> pd{{"w", w.data(), g.data(), n, true, false}}, pc{{"w", wc.data(), gc.data(), n, true, true}};
   AdamW<bf16, OffHost> ad(pd, {.lr = 1e-3, .amsgrad = true});
   AdamW<bf16> ac(pc, {.lr = 1e-3, .amsgrad = true});

@@ -425,7 +425,7 @@ TEMPLATE_TEST_CASE("16-bit parameters train through fp32 master weights", "[opti
   using H = TestType;
   static_assert(peft::AdamW<H>::has_master_weights && !peft::AdamW<float>::has_master_weights);
   static_assert(std::is_same_v<typename peft::AdamW<H>::state_type, float> && std::is_same_v<typename peft::SGD<H>::state_type, float>);
-  const std::vector<float> init{1.0f, -0.5f, 3.0f, 0.0078125f, 100.0f, -2.0f};
+  const std::vector<float> init{1.0f, -0.5f, 3.0f, 0.0078125f, 100.0f, -2.0f, 0.0f};  // a zero parameter is its new master
   const std::size_t n = init.size();
   auto run = [&](auto make_half, auto make_float) {
     std::vector<H> w(n), g(n);

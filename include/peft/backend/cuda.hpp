@@ -77,15 +77,26 @@ namespace detail {
 void* alloc(std::size_t bytes);
 void free(void* p) noexcept;
 void zero(void* p, std::size_t bytes);
+/// zero() of a new allocation, complete on return: a buffer made while one stream is current may be used
+/// from another (a non-blocking stream does not wait for the first).
+void zero_new(void* p, std::size_t bytes);
 void copy_device(void* dst, const void* src, std::size_t bytes);
 /// host → device, asynchronous on the current stream; the host memory may be reused on return (pageable copy).
 void upload_bytes(void* dst, const void* src, std::size_t bytes);
 enum class CopyKind { host_to_device, device_to_host, device_to_device };
 /// A strided copy of `height` rows of `width` bytes; host copies are complete when it returns.
 void copy_2d(void* dst, std::size_t dpitch, const void* src, std::size_t spitch, std::size_t width, std::size_t height, CopyKind kind);
-/// The calling thread's cuBLAS handle for the current device (made on first use: allocates).
+/// Which cuBLAS handle a GemmScratch uses: the handle of the thread (`table`, an id never reused) and device
+/// that reserved it. Another thread, or another device, uses its own handle instead.
 struct BlasHandle;
-BlasHandle* blas_handle();
+struct BlasRef {
+  BlasHandle* handle = nullptr;
+  std::uint64_t table = 0;
+  int device = -1;
+};
+/// Makes (on first use: allocates) the calling thread's handle for the current device and its workspace for
+/// the current stream, and points `ref` at it.
+void reserve_blas(BlasRef& ref);
 }  // namespace detail
 
 }  // namespace cuda
@@ -126,7 +137,7 @@ class DeviceBuffer {
     if (n == 0) return;
     data_ = static_cast<T*>(cuda::detail::alloc(n * sizeof(T)));
     size_ = n;
-    zero();
+    cuda::detail::zero_new(data_, n * sizeof(T));
   }
   /// Sets every element to zero bits (asynchronous on the current stream).
   void zero() { if (size_) cuda::detail::zero(data_, size_ * sizeof(T)); }
@@ -166,14 +177,16 @@ struct CudaBackend {
   using buffer = DeviceBuffer<T>;
 
   /// What a GEMM needs besides its operands: the calling thread's cuBLAS handle for the current device
-  /// (shared by every scratch of the thread, with a fixed workspace). `reserve_gemm` makes the handle on
-  /// first use, at context creation, so the GEMMs of forward and backward allocate nothing.
+  /// (shared by every scratch of the thread, with a fixed 32 MiB workspace per stream it runs GEMMs on).
+  /// `reserve_gemm` makes the handle and the current stream's workspace on first use, at context creation,
+  /// so the GEMMs of forward and backward allocate nothing (a GEMM on a stream new to the thread allocates
+  /// that stream's workspace once).
   template <class T>
   struct GemmScratch {
-    cuda::detail::BlasHandle* blas = nullptr;
+    cuda::detail::BlasRef blas;
     void reserve_gemm(Index m, Index n, Index k) {
       (void)m, (void)n, (void)k;
-      blas = cuda::detail::blas_handle();
+      cuda::detail::reserve_blas(blas);
     }
   };
 
@@ -369,9 +382,11 @@ using Cuda = CudaBackend;
 template <>
 struct nn::NnKernels<CudaBackend> {
   template <class T>
-  static void layer_norm_forward(ConstMatrixView<T> x, const T* gamma, const T* beta, double eps, MatrixView<T> y, T* mean, T* rstd);
+  static void layer_norm_forward(ConstMatrixView<T> x, const T* gamma, const T* beta, double eps, MatrixView<T> y, compute_type_t<T>* mean,
+                                 compute_type_t<T>* rstd);
   template <class T>
-  static void layer_norm_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, const T* gamma, const T* mean, const T* rstd, MatrixView<T> dx,
+  static void layer_norm_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, const T* gamma, const compute_type_t<T>* mean,
+                                  const compute_type_t<T>* rstd, MatrixView<T> dx,
                                   T beta_dx, T* dgamma, T* dbeta, T beta_p);
   template <class T>
   static void gelu_forward(ConstMatrixView<T> x, MatrixView<T> y, GeluApproximate a);

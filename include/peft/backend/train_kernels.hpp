@@ -5,7 +5,6 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "peft/half.hpp"
 
@@ -14,7 +13,7 @@ namespace peft {
 /// The type optimizers keep their state in for parameters of type T: float for the 16-bit storage types
 /// (moments and fp32 master weights), T otherwise.
 template <class T>
-using optimizer_state_t = std::conditional_t<is_half_precision_v<T>, float, T>;
+using optimizer_state_t = compute_type_t<T>;
 
 /// The scalars of one Adam/AdamW update, computed on the host in double (as PyTorch computes them from
 /// Python floats). Each backend converts them to the type its kernel computes in.
@@ -39,7 +38,7 @@ struct SgdStepScalars {
 ///   sgd_update<T, S>(value, grad, master, buf /* nullptr without momentum */, n, const SgdStepScalars&)
 ///     The update is computed in S. `master` (nullptr: none, the parameter is its own master) holds the
 ///     parameter in S: the step starts from master[i], unless value[i] differs from master[i] rounded to T
-///     (the parameter was written outside the optimizer, or the master is still unset: NaN), in which case it
+///     (the parameter was written outside the optimizer, or the master is new: zero), in which case it
 ///     starts from value[i]; it ends with master[i] = the result and value[i] = the result rounded to T.
 ///   grad_norm<T>(std::span<const ParamRef<T>> params, double norm_type) -> double  (over the trainable ones)
 ///   scale<T>(g, n, double coef), clamp<T>(g, n, double lo, double hi)

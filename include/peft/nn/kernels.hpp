@@ -13,6 +13,7 @@
 
 #include "peft/backend/eigen_cpu.hpp"
 #include "peft/backend/nn_kernels.hpp"
+#include "peft/half.hpp"
 #include "peft/view.hpp"
 
 namespace peft::nn {
@@ -20,11 +21,12 @@ namespace peft::nn {
 /// The CPU kernels. Every function works on row-major views and allocates nothing.
 template <>
 struct NnKernels<EigenCpu> {
-  /// y = (x − mean) · rstd · gamma + beta per row; mean[i] and rstd[i] = 1/√(var + eps) are saved
-  /// (biased variance, as torch.nn.LayerNorm). Accumulates in double for float inputs.
+  /// y = (x − mean) · rstd · gamma + beta per row; mean[i] and rstd[i] = 1/√(var + eps) are saved in
+  /// compute_type_t<T> (float for 16-bit storage, as PyTorch saves them) (biased variance, as
+  /// torch.nn.LayerNorm). Accumulates in double for float inputs.
   template <class T>
-  static void layer_norm_forward(ConstMatrixView<T> x, const T* gamma, const T* beta, double eps, MatrixView<T> y, T* mean,
-                                 T* rstd) {
+  static void layer_norm_forward(ConstMatrixView<T> x, const T* gamma, const T* beta, double eps, MatrixView<T> y, compute_type_t<T>* mean,
+                                 compute_type_t<T>* rstd) {
     using Acc = std::conditional_t<std::is_same_v<T, float>, double, T>;
     const Index d = x.cols;
     for (Index i = 0; i < x.rows; ++i) {
@@ -35,8 +37,8 @@ struct NnKernels<EigenCpu> {
       Acc v = 0;
       for (Index j = 0; j < d; ++j) v += (Acc(xr[j]) - mu) * (Acc(xr[j]) - mu);
       const Acc r = Acc(1) / std::sqrt(v / Acc(d) + Acc(eps));
-      mean[i] = T(mu);
-      rstd[i] = T(r);
+      mean[i] = compute_type_t<T>(mu);
+      rstd[i] = compute_type_t<T>(r);
       T* yr = y.data + i * y.stride;
       for (Index j = 0; j < d; ++j) yr[j] = T((Acc(xr[j]) - mu) * r) * gamma[j] + beta[j];
     }
@@ -46,8 +48,8 @@ struct NnKernels<EigenCpu> {
   /// When dgamma is non-null: dgamma = beta_p · dgamma + Σ_rows dy ⊙ x̂ and dbeta = beta_p · dbeta + Σ_rows dy
   /// (beta == 0 never reads the old values).
   template <class T>
-  static void layer_norm_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, const T* gamma, const T* mean, const T* rstd,
-                                  MatrixView<T> dx, T beta_dx, T* dgamma, T* dbeta, T beta_p) {
+  static void layer_norm_backward(ConstMatrixView<T> x, ConstMatrixView<T> dy, const T* gamma, const compute_type_t<T>* mean,
+                                  const compute_type_t<T>* rstd, MatrixView<T> dx, T beta_dx, T* dgamma, T* dbeta, T beta_p) {
     using Acc = std::conditional_t<std::is_same_v<T, float>, double, T>;
     const Index d = x.cols;
     if (dgamma) {

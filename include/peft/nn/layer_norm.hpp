@@ -26,7 +26,7 @@ class LayerNorm {
     Index max_batch = 0;
     ConstMatrixView<T> x;
     bool has_forward = false;
-    typename Backend::template buffer<T> mean, rstd;
+    typename Backend::template buffer<compute_type_t<T>> mean, rstd;  ///< float for 16-bit storage
   };
 
   LayerNorm() = default;

@@ -21,7 +21,7 @@ template <>
 struct TrainKernels<EigenCpu> {
   /// The value an update of parameter element `value` starts from (see TrainKernels in
   /// peft/backend/train_kernels.hpp): the master, unless the parameter no longer equals the master rounded to
-  /// T (written outside the optimizer, or the master unset: NaN); the parameter itself without a master.
+  /// T (written outside the optimizer, or the master new: zero); the parameter itself without a master.
   template <class T, class S>
   static S start_value(const S* master, std::size_t i, T value) {
     if (master == nullptr) return static_cast<S>(value);

@@ -16,7 +16,7 @@
 // their state in float (optimizer_state_t<T>): the moments or momentum, and fp32 master weights. Each step
 // computes in float from the master and writes the parameter as the master rounded to T, so updates smaller
 // than half a 16-bit unit in the last place accumulate instead of vanishing (PEFT gets the same by keeping
-// adapter weights in float32 under a bf16 model: autocast_adapter_dtype=True). A master starts unset and is
+// adapter weights in float32 under a bf16 model: autocast_adapter_dtype=True). A master starts at zero and is
 // (re)loaded from its parameter whenever the parameter no longer equals the master rounded to T, so writes
 // made outside the optimizer (a checkpoint loaded, AdaLoRA's rank masking) are taken up at the next step;
 // a write that changes the parameter by less than that rounding is not seen.
@@ -91,13 +91,11 @@ std::vector<ParamRef<T>> collect_trainable(std::span<const ParamRef<T>> params, 
   return out;
 }
 
-/// An unset master: NaN never equals a parameter, so the first step loads the master from it.
+/// The fp32 masters of 16-bit parameters, zero: the first step loads every parameter that is not zero (and
+/// a zero parameter is its master already). Nothing to fill, so nothing runs on a stream here.
 template <class T, class Backend>
 void init_master(typename Backend::template buffer<optimizer_state_t<T>>& master, std::size_t n) {
-  if constexpr (is_half_precision_v<T>) {
-    master.resize(n);
-    if (n) Backend::template fill<float>(master.view(1, Index(n)), std::numeric_limits<float>::quiet_NaN());
-  }
+  if constexpr (is_half_precision_v<T>) master.resize(n);
 }
 
 /// Total number of elements of `params`.
