@@ -7,6 +7,9 @@
 //
 // A field is a *layer* when it has `visit_parameters`; aggregates (nested structs), std::array and
 // std::vector of layers are walked recursively; every other field (activations, ints, ...) is skipped.
+// A class that is not an aggregate (constructors, private members) lists its layers itself with a member
+//   auto peft_fields() { return std::tie(fc1, act, fc2); }
+// (and may name them with field_names as below); a model that is neither is a compile-time error.
 // Boost 1.81's PFR has no field names, so parameter names are prefixed with the field index path
 // ("0.lora_A.default.weight", "2.1.weight"), or with the layer's module_path() when it has one. An
 // aggregate may name its fields with `static constexpr std::array<std::string_view, N> field_names`
@@ -20,6 +23,7 @@
 #include <locale>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -57,17 +61,33 @@ struct is_std_vector : std::false_type {};
 template <class T, class A>
 struct is_std_vector<std::vector<T, A>> : std::true_type {};
 
-/// The name of field i of aggregate U in parameter paths: U::field_names[i] when U declares a
+/// A class that lists its layers: `peft_fields()` returns a tuple of references (std::tie).
+template <class U>
+concept ListsFields = requires(U& u) { std::tuple_size<std::remove_cvref_t<decltype(u.peft_fields())>>::value; };
+
+/// The number of fields the walker sees in U: peft_fields()'s, else the aggregate's.
+template <class U>
+constexpr std::size_t field_count() {
+  if constexpr (ListsFields<U>) return std::tuple_size_v<std::remove_cvref_t<decltype(std::declval<U&>().peft_fields())>>;
+  else return boost::pfr::tuple_size_v<U>;
+}
+
+/// The name of field i of U in parameter paths: U::field_names[i] when U declares a
 /// `static constexpr std::array<std::string_view, N> field_names` (PFR 1.81 has no field names), else "i".
 template <class U>
 std::string field_name(std::size_t i) {
   if constexpr (requires { U::field_names[0]; }) {
-    static_assert(std::size(U::field_names) == boost::pfr::tuple_size_v<U>, "field_names must name every field of the aggregate, in order");
+    static_assert(std::size(U::field_names) == field_count<U>(), "field_names must name every field of the aggregate (or of peft_fields()), in order");
     return std::string(U::field_names[i]);
   } else {
     return std::to_string(i);
   }
 }
+
+/// What for_each_layer can walk: a layer, a std::array/std::vector, a class with peft_fields(), an aggregate.
+template <class U>
+concept Walkable = LayerLike<U> || is_std_array<U>::value || is_std_vector<U>::value || ListsFields<U> ||
+                   (std::is_class_v<U> && std::is_aggregate_v<U>);
 
 template <class F>
 struct LayerWalker {
@@ -79,12 +99,18 @@ struct LayerWalker {
       f(x, path);
     } else if constexpr (is_std_array<U>::value || is_std_vector<U>::value) {
       for (std::size_t i = 0; i < x.size(); ++i) walk(x[i], path.empty() ? std::to_string(i) : path + "." + std::to_string(i));
+    } else if constexpr (ListsFields<U>) {
+      auto fields = x.peft_fields();
+      std::size_t i = 0;
+      std::apply([&](auto&... field) { (walk_field<U>(field, path, i++), ...); }, fields);
     } else if constexpr (std::is_class_v<U> && std::is_aggregate_v<U>) {
-      boost::pfr::for_each_field(x, [&](auto& field, std::size_t i) {
-        const std::string name = field_name<U>(i);
-        walk(field, path.empty() ? name : path + "." + name);
-      });
+      boost::pfr::for_each_field(x, [&](auto& field, std::size_t i) { walk_field<U>(field, path, i); });
     }
+  }
+  template <class U, class Field>
+  void walk_field(Field& field, const std::string& path, std::size_t i) {
+    const std::string name = field_name<U>(i);
+    walk(field, path.empty() ? name : path + "." + name);
   }
 };
 
@@ -105,6 +131,10 @@ inline std::string with_thousands(std::uint64_t v) {
 /// field index path.
 template <class Model, class F>
 void for_each_layer(Model& model, F&& f) {
+  static_assert(detail::Walkable<std::remove_cv_t<Model>>,
+                "peft: the model must be a layer, an aggregate struct of layers (no constructors, no private "
+                "members), a std::array/std::vector of them, or a class that lists its layers with a member "
+                "`auto peft_fields() { return std::tie(layer1, layer2, ...); }`");
   auto g = [&](auto& layer, const std::string& index_path) {
     if constexpr (detail::AdaptedLike<std::remove_cvref_t<decltype(layer)>>) {
       if (!layer.module_path().empty()) return f(layer, layer.module_path());

@@ -26,6 +26,15 @@ concept RowMajorDense = requires(M& m) {
   { m.innerStride() } -> std::convertible_to<Index>;
   { std::remove_cvref_t<M>::IsRowMajor };
 } && (bool(std::remove_cvref_t<M>::IsRowMajor) || int(std::remove_cvref_t<M>::ColsAtCompileTime) == 1);
+/// A column-major Eigen object that is not a column vector (refused with a readable message).
+template <class M>
+concept ColMajorDense = requires(M& m) {
+  { m.data() };
+  { m.outerStride() } -> std::convertible_to<Index>;
+  { std::remove_cvref_t<M>::IsRowMajor };
+} && !bool(std::remove_cvref_t<M>::IsRowMajor) && int(std::remove_cvref_t<M>::ColsAtCompileTime) != 1;
+template <class>
+inline constexpr bool always_false = false;
 }  // namespace detail
 
 /// A row-major matrix view: element (i, j) is `data[i * stride + j]`.
@@ -52,6 +61,15 @@ struct MatrixView {
   template <detail::RowMajorDense M>
     requires std::is_convertible_v<decltype(std::declval<M&>().data()), T*>
   MatrixView(M&& m) : MatrixView(m.data(), Index(m.rows()), Index(m.cols()), eigen_row_stride(m)) {}
+  /// A column-major Eigen matrix (Eigen's default, e.g. Eigen::MatrixXf) does not convert: this overload only
+  /// turns the compiler's "no conversion" into a message.
+  template <detail::ColMajorDense M>
+  MatrixView(M&&) {
+    static_assert(detail::always_false<M>,
+                  "peft::MatrixView needs a row-major Eigen object (Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, "
+                  "Eigen::RowMajor>) or a column vector: peft stores activations as [batch, features] and weights as "
+                  "[out, in], row-major; Eigen::MatrixXf is column-major");
+  }
 
   /// A mutable view converts to a const one.
   template <class U>

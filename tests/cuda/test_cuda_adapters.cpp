@@ -12,7 +12,10 @@
 // Without a CUDA device every test prints "SKIPPED: no CUDA device" and returns (ctest: skipped).
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <filesystem>
+#include <unistd.h>
 #include <peft/backend/cuda.hpp>
+#include <peft/io/pretrained.hpp>
 #include <vector>
 
 #include "backend_parity.hpp"
@@ -23,6 +26,7 @@ using namespace peft;
 using peft::test::Mat;
 using peft::test::random_mat;
 using Gpu = CudaBackend;
+namespace st = peft::safetensors;
 
 namespace {
 
@@ -250,6 +254,59 @@ TEST_CASE("cuda: loss, clipping and optimizer steps make no device allocation af
   }
   CHECK(cuda::allocation_count() == before);
   CHECK(last < first);  // the loss goes down
+}
+
+// Adapter checkpoints of 16-bit device models: LoRA saved from a bf16 (half) GPU model is written as BF16
+// (F16), bit for bit; it loads back into a fresh GPU model of the same type exactly, and into a float CPU model
+// as the exact widening of every value.
+template <class H>
+void half_checkpoint_case(st::Dtype dtype) {
+  struct GpuNet { Adapted<Linear<H, Gpu>, Lora> fc; };
+  struct CpuNet { Adapted<Linear<float>, Lora> fc; };
+  const LoraConfig lc{.r = 4, .lora_alpha = 8};
+  Generator g(3), g2(4), g3(5);
+  GpuNet m{Adapted<Linear<H, Gpu>, Lora>(Linear<H, Gpu>(12, 6, true, g), "fc")};
+  m.fc.add_adapter("default", lc, g);
+  auto pm = parameters<H>(m);
+  for (std::size_t i = 0; i < pm.size(); ++i)  // non-zero B, so that every tensor carries information
+    if (pm[i].trainable) Gpu::random_uniform<H>(g, MatrixView<H>(pm[i].value, 1, Index(pm[i].size)), -1.0, 1.0);
+  io::AdapterConfig ac;
+  ac.method = lc;
+  struct Dir {  // removed with everything in it
+    std::filesystem::path path = std::filesystem::temp_directory_path() / ("peft_cuda_half_ckpt_" + std::to_string(::getpid()));
+    Dir() { std::filesystem::create_directories(path); }
+    ~Dir() { std::error_code ec; std::filesystem::remove_all(path, ec); }
+  } dir;
+  io::save_pretrained(m, dir.path, "default", ac);
+  const st::File f(dir.path / io::adapter_weights_name);
+  for (const auto& n : f.names()) CHECK(f.info(n).dtype == dtype);
+
+  GpuNet back{Adapted<Linear<H, Gpu>, Lora>(Linear<H, Gpu>(12, 6, true, g2), "fc")};
+  CpuNet cpu{Adapted<Linear<float>, Lora>(Linear<float>(12, 6, true, g3), "fc")};
+  io::load_pretrained(back, dir.path);
+  io::load_pretrained(cpu, dir.path);
+  const auto pb = parameters<H>(back);
+  const auto pc = parameters<float>(cpu);
+  REQUIRE(pb.size() == pm.size());
+  REQUIRE(pc.size() == pm.size());
+  for (std::size_t i = 0; i < pm.size(); ++i) {
+    if (!pm[i].trainable) continue;
+    INFO(pm[i].name);
+    const Index n = Index(pm[i].size);
+    std::vector<H> a(pm[i].size), b(pm[i].size);
+    Gpu::download<H>(ConstMatrixView<H>(pm[i].value, 1, n), MatrixView<H>(a.data(), 1, n));
+    Gpu::download<H>(ConstMatrixView<H>(pb[i].value, 1, n), MatrixView<H>(b.data(), 1, n));
+    for (std::size_t k = 0; k < a.size(); ++k) {
+      CHECK(b[k].bits == a[k].bits);
+      CHECK(pc[i].value[k] == float(a[k]));
+    }
+  }
+}
+
+TEST_CASE("cuda: adapter checkpoints of bf16 and half models (BF16/F16 files, loaded back exactly)", "[cuda][half][io]") {
+  PEFT_REQUIRE_GPU();
+  SECTION("bf16") { half_checkpoint_case<bf16>(st::Dtype::BF16); }
+  SECTION("half") { half_checkpoint_case<half>(st::Dtype::F16); }
 }
 
 // LayerNorm with 16-bit storage saves its per-row statistics in float: a row of mean ≈ 100 (bf16 would round

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <peft/train.hpp>
 #include <sstream>
+#include <tuple>
 
 #include "gradcheck.hpp"
 #include "test_util.hpp"
@@ -42,6 +43,41 @@ Model<T> make_model(Generator& g) {
   return m;
 }
 }  // namespace
+
+namespace {
+/// A model class as C++ code often has them: a constructor and private layers, listed by peft_fields().
+class ClassModel {
+ public:
+  explicit ClassModel(Generator& g) : fc1_(Linear<float>(6, 5, true, g), "fc1"), fc2_(5, 2, false, g) {
+    fc1_.add_adapter("default", LoraConfig{.r = 2, .lora_dropout = 0.5}, g);
+  }
+  auto peft_fields() { return std::tie(fc1_, act_, fc2_); }
+  static constexpr std::array<std::string_view, 3> field_names{"fc1", "act", "fc2"};
+  Adapted<Linear<float>, Lora>& fc1() { return fc1_; }
+
+ private:
+  Adapted<Linear<float>, Lora> fc1_;
+  Relu act_;
+  Linear<float> fc2_;
+};
+}  // namespace
+
+TEST_CASE("model: a class with constructors and private layers lists them with peft_fields()", "[model]") {
+  static_assert(!std::is_aggregate_v<ClassModel>);
+  Generator g(4);
+  ClassModel m(g);
+  std::vector<std::string> names;
+  for (const auto& p : parameters<float>(m)) names.push_back(p.name);
+  CHECK(names == std::vector<std::string>{"fc1.weight", "fc1.bias", "fc1.lora_A.default.weight", "fc1.lora_B.default.weight", "fc2.weight"});
+  CHECK(trainable_parameters<float>(m).size() == 2);
+  std::ostringstream line;
+  print_trainable_parameters(m, line);
+  CHECK(line.str().find("trainable params: 22 || all params: 67") != std::string::npos);
+  eval(m);
+  CHECK_FALSE(m.fc1().is_training());
+  train(m);
+  CHECK(m.fc1().is_training());
+}
 
 TEST_CASE("model: parameters are walked through nested structs and arrays", "[model]") {
   Generator g(1);

@@ -570,6 +570,12 @@ TEST_CASE("invalid options throw std::invalid_argument naming the option", "[opt
   peft::SGD<double> sgd(refs);
   REQUIRE_THROWS_WITH(sgd.set_lr(-1.0), Contains("lr"));
 
+  // An empty list is refused, as torch.optim's (a model whose layers were not found gives one).
+  const std::vector<peft::ParamRef<double>> no_params;
+  REQUIRE_THROWS_WITH(peft::AdamW<double>(no_params), Contains("AdamW: got an empty parameter list"));
+  REQUIRE_THROWS_WITH(peft::Adam<double>(no_params), Contains("Adam: got an empty parameter list"));
+  REQUIRE_THROWS_WITH(peft::SGD<double>(no_params), Contains("SGD: got an empty parameter list"));
+
   // A trainable parameter without gradient is named.
   std::vector<double> v{1.0};
   const std::vector<peft::ParamRef<double>> missing{{"layers.0.lora_A.default", v.data(), nullptr, 1, true}};

@@ -566,6 +566,48 @@ TEST_CASE("pretrained: C++ round trip for every method, float and double", "[pre
   }
 }
 
+TEST_CASE("pretrained: a load is for inference unless is_trainable, as PEFT's from_pretrained", "[pretrained]") {
+  using LinT = Adapted<Linear<float>, Lora>;
+  struct M {
+    LinT a, b;
+  };
+  auto make = [] {
+    Generator g(5);
+    return M{LinT(Linear<float>(5, 4, true, g), "a"), LinT(Linear<float>(4, 3, true, g), "b")};
+  };
+  M m = make();
+  Generator g(2);
+  LoraConfig l{.r = 2, .lora_dropout = 0.5};
+  m.a.add_adapter("default", l, g);
+  m.b.add_adapter("default", l, g);
+  io::AdapterConfig cfg;
+  cfg.method = l;
+  TempDir d;
+  io::save_pretrained(m, d.path, "default", cfg);
+
+  M inference = make();
+  io::load_pretrained(inference, d.path);
+  CHECK(trainable_parameters<float>(inference).empty());  // the adapter is frozen
+  CHECK_FALSE(inference.a.is_training());                 // and the model in eval mode: no dropout
+  CHECK_FALSE(inference.b.is_training());
+  Mat<float> x = random_mat<float>(2, 5, 3), y1(2, 4), y2(2, 4);
+  auto c = inference.a.make_context(2);
+  inference.a.forward(c, x, y1);
+  inference.a.forward(c, x, y2);
+  CHECK(max_abs_diff(y1, y2) == 0);
+
+  M resume = make();
+  io::load_pretrained(resume, d.path, "default", io::LoadOptions{.is_trainable = true});
+  CHECK(trainable_parameters<float>(resume).size() == 4);  // lora_A and lora_B of both layers
+  CHECK(resume.a.is_training());                           // modes untouched (layers start in train mode)
+
+  M none = make();
+  CHECK_THROWS_WITH(io::load_pretrained(none, d.path / "no_such_adapter"),
+                    Catch::Contains("load_pretrained: no adapter at '") && Catch::Contains("no_such_adapter'"));
+  CHECK_THROWS_AS(io::load_pretrained(none, d.path / "no_such_adapter"), std::system_error);
+  CHECK_FALSE(none.a.has_adapter("default"));
+}
+
 TEST_CASE("pretrained: save refuses configs PEFT would rebuild differently", "[pretrained]") {
   Generator g(3);
   struct M {

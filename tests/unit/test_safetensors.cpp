@@ -528,6 +528,45 @@ TEST_CASE("write then read: dtypes, strided views, metadata, alignment", "[safet
   }
 }
 
+TEST_CASE("16-bit storage types: bf16 and half views write as BF16 and F16, read_as converts into them", "[safetensors]") {
+  TempDir dir;
+  const fs::path path = dir / "half.safetensors";
+  const std::vector<float> vals{1.0f, -0.333333f, 65504.0f, 1e-6f, 3.14159f, -0.0f};
+  std::vector<peft::bf16> b(vals.begin(), vals.end());
+  std::vector<peft::half> h(vals.begin(), vals.end());
+  std::vector<float> f32(vals);
+  st::write(path, {{"b", peft::ConstMatrixView<peft::bf16>(b.data(), 2, 3)},
+                   {"h", peft::ConstMatrixView<peft::half>(h.data(), 1, 6), {6}},
+                   {"f", peft::view(f32.data(), 2, 3)}});
+  const st::File f(path);
+  CHECK(f.info("b").dtype == st::Dtype::BF16);
+  CHECK(f.info("b").shape == std::vector<std::uint64_t>{2, 3});
+  CHECK(f.info("h").dtype == st::Dtype::F16);
+  CHECK(f.info("h").shape == std::vector<std::uint64_t>{6});
+  CHECK(std::memcmp(f.bytes("b").data(), b.data(), 12) == 0);  // the bits as they are
+  CHECK(std::memcmp(f.bytes("h").data(), h.data(), 12) == 0);
+  std::vector<peft::bf16> rb(6);
+  std::vector<peft::half> rh(6);
+  std::vector<float> rf(6);
+  f.read_as<peft::bf16>("b", rb);  // BF16 -> bf16: a copy
+  f.read_as<peft::half>("h", rh);  // F16 -> half: a copy
+  f.read_as<float>("b", rf);       // BF16 -> float: exact
+  for (std::size_t i = 0; i < 6; ++i) {
+    INFO("element " << i);
+    CHECK(rb[i].bits == b[i].bits);
+    CHECK(rh[i].bits == h[i].bits);
+    CHECK(rf[i] == float(b[i]));
+  }
+  f.read_as<peft::bf16>("f", rb);  // F32 -> bf16 and F16 -> bf16: rounded to nearest even, as the constructor
+  for (std::size_t i = 0; i < 6; ++i) CHECK(rb[i].bits == peft::bf16(vals[i]).bits);
+  f.read_as<peft::bf16>("h", rb);
+  for (std::size_t i = 0; i < 6; ++i) CHECK(rb[i].bits == peft::bf16(float(h[i])).bits);
+  f.read_as<peft::half>("f", rh);  // F32 -> half: 1e-6 becomes a subnormal, 65504 stays finite
+  for (std::size_t i = 0; i < 6; ++i) CHECK(rh[i].bits == peft::half(vals[i]).bits);
+  std::vector<peft::half> wrong(5);
+  CHECK_THROWS_AS(f.read_as<peft::half>("f", wrong), peft::ShapeError);
+}
+
 TEST_CASE("the writer refuses bad input before creating anything", "[safetensors]") {
   TempDir dir;
   const fs::path path = dir / "x.safetensors";

@@ -167,7 +167,7 @@ class DeviceBuffer {
 
 /// The CUDA backend policy: the operations of EigenCpu over device memory. Stateless; operations are
 /// asynchronous on the current stream and allocate nothing (except `all_finite` and the random fills,
-/// which are for merging and initialisation). Compiled for T = float and double.
+/// which are for merging and initialisation). Compiled for T = float, double, bf16 and half.
 struct CudaBackend {
   static constexpr const char* name = "cuda";
   /// Buffers hold device memory: host code must not dereference their pointers (use upload / download).

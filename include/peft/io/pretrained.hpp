@@ -23,6 +23,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <system_error>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -650,6 +651,10 @@ struct LoadOptions {
   bool strict = true;
   /// Make the loaded adapter the active one on every layer that has it (peft::set_adapter on the model).
   bool activate = false;
+  /// PEFT's `is_trainable` of from_pretrained/load_adapter. false (PEFT's default, for inference): the loaded
+  /// adapter is frozen on every layer that received it and the whole model is put in eval mode (peft::eval:
+  /// no dropout). true (to resume training): the adapter is trainable and no layer's mode is changed.
+  bool is_trainable = false;
   /// Seed for the initial values the layers give the new adapter before the checkpoint overwrites them.
   std::uint64_t seed = 0;
   /// VeRA only: the shared projections to use when the checkpoint has none (save_projection = false), e.g.
@@ -705,6 +710,10 @@ template <class Model, class U>
 LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const std::string& adapter_name,
                            const std::vector<ModuleToSave<U>>& modules, const LoadOptions& options = {}) {
   LoadResult res;
+  if (!std::filesystem::exists(dir))
+    throw std::system_error(std::make_error_code(std::errc::no_such_file_or_directory),
+                            peft::detail::cat("load_pretrained: no adapter at '", dir.string(), "' (expected a directory with ",
+                                              adapter_config_name, " and ", adapter_weights_name, ", or the path of the weights file)"));
   const std::filesystem::path weights = std::filesystem::is_directory(dir) ? dir / adapter_weights_name : dir;
   const std::filesystem::path cfg_path = std::filesystem::is_directory(dir) ? dir / adapter_config_name : dir.parent_path() / adapter_config_name;
   res.config = read_adapter_config(cfg_path);
@@ -907,6 +916,12 @@ LoadResult load_pretrained(Model& model, const std::filesystem::path& dir, const
   }
   if (auto* v = res.config.template get_if<VeraConfig>()) v->projections = projections;  // the ones the layers share
   if (options.activate) set_adapter(model, adapter_name);
+  if (!options.is_trainable) {  // as PEFT's from_pretrained(is_trainable=False)
+    for_each_adapted_layer(model, [&](auto& layer) {
+      if (layer.has_adapter(adapter_name)) layer.set_requires_grad(adapter_name, false);
+    });
+    peft::eval(model);
+  }
   return res;
 }
 

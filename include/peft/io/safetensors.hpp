@@ -41,6 +41,7 @@
 
 #include "peft/buffer.hpp"
 #include "peft/errors.hpp"
+#include "peft/half.hpp"
 #include "peft/io/file.hpp"
 #include "peft/view.hpp"
 
@@ -553,10 +554,11 @@ class File {
   /// The same in double (zero-copy for 8-byte aligned F64).
   ConstMatrixView<double> tensor_f64(std::string_view name) const { return tensor<double>(name); }
 
-  /// Converts the tensor (F32, F16, BF16 or F64) into `out`, which must hold exactly numel() elements
-  /// (ShapeError otherwise). F64 -> float rounds to nearest.
+  /// Converts the tensor (F32, F16, BF16 or F64) into `out` (float, double, or the 16-bit storage types
+  /// peft::bf16 and peft::half), which must hold exactly numel() elements (ShapeError otherwise). Narrowing
+  /// conversions round to nearest, ties to even (F64 -> bf16/half through float).
   template <class T>
-    requires(std::same_as<T, float> || std::same_as<T, double>)
+    requires(std::same_as<T, float> || std::same_as<T, double> || is_half_precision_v<T>)
   void read_as(std::string_view name, std::span<T> out) const {
     const TensorInfo& t = info(name);
     check_convertible(t, "read_as");
@@ -566,7 +568,7 @@ class File {
     convert(t, out.data());
   }
   template <class T>
-    requires(std::same_as<T, float> || std::same_as<T, double>)
+    requires(std::same_as<T, float> || std::same_as<T, double> || is_half_precision_v<T>)
   void read_as(std::string_view name, std::vector<T>& out) const { read_as<T>(name, std::span<T>(out)); }
 
   /// A writer record of this file's tensor `name`, pointing at the mapped bytes (no copy), for saving
@@ -640,10 +642,18 @@ class File {
         }
         break;
       case Dtype::F16:
-        for (std::size_t i = 0; i < n; ++i) { std::uint16_t h; std::memcpy(&h, src + 2 * i, 2); out[i] = T(half_to_float(h)); }
+        if constexpr (std::same_as<T, half>) {
+          if (n) std::memcpy(out, src, n * 2);
+        } else {
+          for (std::size_t i = 0; i < n; ++i) { std::uint16_t h; std::memcpy(&h, src + 2 * i, 2); out[i] = T(half_to_float(h)); }
+        }
         break;
       case Dtype::BF16:
-        for (std::size_t i = 0; i < n; ++i) { std::uint16_t h; std::memcpy(&h, src + 2 * i, 2); out[i] = T(bfloat16_to_float(h)); }
+        if constexpr (std::same_as<T, bf16>) {
+          if (n) std::memcpy(out, src, n * 2);
+        } else {
+          for (std::size_t i = 0; i < n; ++i) { std::uint16_t h; std::memcpy(&h, src + 2 * i, 2); out[i] = T(bfloat16_to_float(h)); }
+        }
         break;
       default:
         check_convertible(t, "conversion");
@@ -699,6 +709,11 @@ struct TensorRef {
   /// A double view as F64 (same two forms).
   TensorRef(std::string n, ConstMatrixView<double> v) { from_view(std::move(n), v, {std::uint64_t(v.rows), std::uint64_t(v.cols)}); }
   TensorRef(std::string n, ConstMatrixView<double> v, std::vector<std::uint64_t> shp) { from_view(std::move(n), v, std::move(shp)); }
+  /// A peft::bf16 view as BF16 and a peft::half view as F16 (same two forms; the bits as they are).
+  TensorRef(std::string n, ConstMatrixView<bf16> v) { from_view(std::move(n), v, {std::uint64_t(v.rows), std::uint64_t(v.cols)}); }
+  TensorRef(std::string n, ConstMatrixView<bf16> v, std::vector<std::uint64_t> shp) { from_view(std::move(n), v, std::move(shp)); }
+  TensorRef(std::string n, ConstMatrixView<half> v) { from_view(std::move(n), v, {std::uint64_t(v.rows), std::uint64_t(v.cols)}); }
+  TensorRef(std::string n, ConstMatrixView<half> v, std::vector<std::uint64_t> shp) { from_view(std::move(n), v, std::move(shp)); }
 
   std::uint64_t byte_size() const noexcept { return std::uint64_t(rows) * row_bytes; }
 
@@ -706,7 +721,7 @@ struct TensorRef {
   template <class T>
   void from_view(std::string n, ConstMatrixView<T> v, std::vector<std::uint64_t> shp) {
     name = std::move(n);
-    dtype = std::same_as<T, float> ? Dtype::F32 : Dtype::F64;
+    dtype = std::same_as<T, float> ? Dtype::F32 : std::same_as<T, double> ? Dtype::F64 : std::same_as<T, bf16> ? Dtype::BF16 : Dtype::F16;
     shape = std::move(shp);
     data = reinterpret_cast<const std::byte*>(v.data);
     if (v.contiguous()) {

@@ -70,10 +70,12 @@ void require_backend_memory(const ParamRef<T>& p, std::string_view what) {
 }
 
 /// Returns the trainable parameters of `params` (frozen ones are dropped); throws
-/// std::invalid_argument naming the parameter when a trainable one has no gradient or no value, or lives
-/// in memory `Backend` does not work on.
+/// std::invalid_argument for an empty list (as torch.optim), or naming the parameter when a trainable one has
+/// no gradient or no value, or lives in memory `Backend` does not work on.
 template <class Backend, class T>
 std::vector<ParamRef<T>> collect_trainable(std::span<const ParamRef<T>> params, std::string_view what) {
+  if (params.empty())  // as torch.optim; also what a model whose layers were not found gives (peft::parameters)
+    throw std::invalid_argument(std::string(what) + ": got an empty parameter list");
   std::vector<ParamRef<T>> out;
   for (const auto& p : params) {
     if (!p.trainable) continue;
