@@ -23,7 +23,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 /usr/local/cuda/bin/nvcc --version 2>/dev/null | tail -2 || nvcc --version | tail -2
 
 step cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DPEFT_ENABLE_CUDA=ON \
-  -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_EXAMPLES=ON -DPEFT_BUILD_TOOLS=OFF -DPEFT_BUILD_CUDA_BENCHMARKS=ON || exit 1
+  -DPEFT_BUILD_BENCHMARKS=OFF -DPEFT_BUILD_EXAMPLES=ON -DPEFT_BUILD_TOOLS=OFF -DPEFT_BUILD_CUDA_BENCHMARKS=ON \
+  -DPEFT_CUDA_TEST_OPTIMIZATION=-O1 || exit 1
 step cmake --build "$BUILD" --target peft_cuda test_cuda_lora test_cuda_adapters bench_cuda_lora -j "$JOBS" || exit 1
 
 # the tests: Catch2 directly (with durations), then ctest (0 skipped expected on a GPU machine)

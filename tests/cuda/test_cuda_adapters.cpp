@@ -263,7 +263,9 @@ template <class H>
 void half_checkpoint_case(st::Dtype dtype) {
   struct GpuNet { Adapted<Linear<H, Gpu>, Lora> fc; };
   struct CpuNet { Adapted<Linear<float>, Lora> fc; };
-  const LoraConfig lc{.r = 4, .lora_alpha = 8};
+  LoraConfig lc;
+  lc.r = 4;
+  lc.lora_alpha = 8;
   Generator g(3), g2(4), g3(5);
   GpuNet m{Adapted<Linear<H, Gpu>, Lora>(Linear<H, Gpu>(12, 6, true, g), "fc")};
   m.fc.add_adapter("default", lc, g);
