@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <optional>
 #include <cmath>
 #include <vector>
 
@@ -130,7 +131,7 @@ void copy_2d(void* dst, std::size_t dpitch, const void* src, std::size_t spitch,
 struct BlasHandle {
   cublasHandle_t handle = nullptr;
   int device = -1;
-  Stream bound = nullptr;  ///< the stream the handle is set to
+  std::optional<Stream> bound;  ///< the stream the handle and its workspace are set to (none yet: cuBLAS's own pool)
   bool tf32 = false;       ///< the math mode the handle is set to (CUBLAS_TF32_TENSOR_OP_MATH or default)
   std::vector<std::pair<Stream, void*>> workspaces;
 };
@@ -201,7 +202,7 @@ int current_device() {
 void reserve_blas(BlasRef& ref) {
   const int d = current_device();
   BlasHandle* h = thread_handle(d);
-  (void)workspace_for(*h, g_stream);  // the current stream's workspace now, not in the first forward
+  if (h->bound != g_stream) bind_stream(*h, g_stream);  // the current stream's workspace now, not in the first forward
   ref = BlasRef{h, g_handles.id, d};
 }
 
@@ -213,7 +214,7 @@ namespace {
 cublasHandle_t gemm_handle(const BlasRef& ref) {
   const int d = current_device();
   BlasHandle* h = ref.handle != nullptr && ref.table == g_handles.id && ref.device == d ? ref.handle : thread_handle(d);
-  if (h->bound != g_stream || h->workspaces.empty()) bind_stream(*h, g_stream);
+  if (h->bound != g_stream) bind_stream(*h, g_stream);
   if (h->tf32 != g_tf32) {
     PEFT_CUDA_CHECK(cublasSetMathMode(h->handle, g_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     h->tf32 = g_tf32;

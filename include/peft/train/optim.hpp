@@ -100,6 +100,12 @@ void init_master(typename Backend::template buffer<optimizer_state_t<T>>& master
   if constexpr (is_half_precision_v<T>) master.resize(n);
 }
 
+/// The master weights of the parameter at `offset`, or nullptr when the optimizer keeps none.
+template <class S, class Buffer>
+S* master_at(Buffer& master, std::size_t offset) {
+  return master.empty() ? nullptr : master.data() + offset;
+}
+
 /// Total number of elements of `params`.
 template <class T>
 std::size_t total_size(const std::vector<ParamRef<T>>& params) {
@@ -176,7 +182,7 @@ class AdamCore {
     sc.amsgrad = amsgrad_;
     std::size_t offset = 0;
     for (const auto& p : params_) {
-      TrainKernels<Backend>::template adam_update<T, S>(p.value, static_cast<const T*>(p.grad), master_.empty() ? nullptr : master_.data() + offset,
+      TrainKernels<Backend>::template adam_update<T, S>(p.value, static_cast<const T*>(p.grad), master_at<S>(master_, offset),
                                                         exp_avg_.data() + offset, exp_avg_sq_.data() + offset,
                                                         amsgrad_ ? max_exp_avg_sq_.data() + offset : nullptr, p.size, sc);
       offset += p.size;
@@ -333,7 +339,7 @@ class SGD {
     const bool use_momentum = options_.momentum != 0.0;
     std::size_t offset = 0;
     for (const auto& p : params_) {
-      TrainKernels<Backend>::template sgd_update<T, S>(p.value, static_cast<const T*>(p.grad), master_.empty() ? nullptr : master_.data() + offset,
+      TrainKernels<Backend>::template sgd_update<T, S>(p.value, static_cast<const T*>(p.grad), detail::master_at<S>(master_, offset),
                                                        use_momentum ? momentum_buffer_.data() + offset : nullptr, p.size, sc);
       offset += p.size;
     }
